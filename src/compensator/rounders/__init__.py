@@ -1,0 +1,6 @@
+"""Rounders: pure functions that choose the quantized weight of one Linear."""
+
+from compensator.rounders.gptq import gptq, prepare_hessian
+from compensator.rounders.rtn import rtn
+
+__all__ = ["gptq", "prepare_hessian", "rtn"]

@@ -1,0 +1,12 @@
+"""Round-to-nearest: every weight rounded independently with its group's min/max range."""
+
+from __future__ import annotations
+
+import torch
+
+from compensator.quant.spec import QuantizedWeight, QuantSpec, fit_params, quantize_with_params
+
+
+def rtn(w: torch.Tensor, spec: QuantSpec, *, clip_search: bool = False) -> QuantizedWeight:
+    params = fit_params(w.float(), spec, clip_search=clip_search)
+    return QuantizedWeight(quantize_with_params(w.float(), params, spec), params, spec)
