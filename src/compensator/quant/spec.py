@@ -52,7 +52,9 @@ class QuantSpec(BaseModel):
             return 1
         return math.ceil(in_features / self.group_size)
 
-    def group_of_columns(self, in_features: int, device: torch.device | None = None) -> torch.Tensor:
+    def group_of_columns(
+        self, in_features: int, device: torch.device | None = None
+    ) -> torch.Tensor:
         """Index of the group of every column (shape [in_features])."""
         cols = torch.arange(in_features, device=device)
         if self.group_size is None:
@@ -147,7 +149,9 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, *, clip_search: bool = False) -
     scale = torch.empty(rows, n, dtype=torch.float32, device=w.device)
     zero = torch.empty_like(scale)
     for g in range(n):
-        scale[:, g], zero[:, g] = fit_group(w[:, g * gs : (g + 1) * gs], spec, clip_search=clip_search)
+        scale[:, g], zero[:, g] = fit_group(
+            w[:, g * gs : (g + 1) * gs], spec, clip_search=clip_search
+        )
     return QuantParams(scale, zero)
 
 

@@ -135,9 +135,7 @@ def gptq(
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return QuantizedWeight(
-        codes.to(torch.uint8), QuantParams(scale.float(), zero.float()), spec
-    )
+    return QuantizedWeight(codes.to(torch.uint8), QuantParams(scale.float(), zero.float()), spec)
 
 
 def _current_columns(

@@ -1,0 +1,205 @@
+"""The Python API: ``quantize``, ``save``, ``load``, ``evaluate``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compensator import __version__
+from compensator.checkpoint import (
+    is_checkpoint,
+    load_checkpoint,
+    read_quantization_config,
+    save_checkpoint,
+)
+from compensator.data import load_calibration_windows, load_eval_windows
+from compensator.errors import CompensatorError
+from compensator.evaluate import EvalResult
+from compensator.evaluate import evaluate as evaluate_windows
+from compensator.models.adapter import get_adapter
+from compensator.models.loading import LoadedModel, load_model
+from compensator.pipeline.runner import run_pipeline
+from compensator.recipes.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized transformers model (block Linears are ``QuantLinear``) and how it was made."""
+
+    model: nn.Module
+    tokenizer: Any
+    quantization_config: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CompensatorError(
+            f"unknown device {device!r}; use cpu, cuda, cuda:N or auto"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CompensatorError(
+            f"device {device!r} asked for but CUDA is not available; use --device cpu"
+        )
+    return dev
+
+
+def _as_loaded(model: str | nn.Module | LoadedModel, tokenizer: Any) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str | Path):
+        return load_model(str(model))
+    if tokenizer is None:
+        raise CompensatorError(
+            "quantize(model_object) needs tokenizer=...; or pass a model name/path"
+        )
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def quantize(
+    model: str | nn.Module | LoadedModel,
+    recipe: str | Path | Recipe = "gptq",
+    *,
+    tokenizer: Any = None,
+    calibration: str | torch.Tensor | None = None,
+    calib_windows: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    bits: int | None = None,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    device: str | torch.device | None = "auto",
+    batch_size: int = 8,
+    inplace: bool = False,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
+
+    ``model`` is a built-in name, a path (HF directory or .gguf) or a loaded model (then
+    ``tokenizer`` is required; it is copied first unless ``inplace``). ``calibration`` is a
+    data source as in :func:`compensator.data.resolve_text` (default: WikiText-2 validation
+    when COMPENSATOR_DATA is set, else the embedded corpus), or a LongTensor of token
+    windows [n, seqlen] used as is.
+    """
+    torch.manual_seed(seed)
+    rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
+    if group_size == -1:
+        rec = rec.with_weights(group_size=None) if rec.scheme.weights.group_size else rec
+    loaded = _as_loaded(model, tokenizer)
+    net = loaded.model if inplace or isinstance(model, str | Path) else copy.deepcopy(loaded.model)
+    net.eval()
+    dev = resolve_device(device)
+    adapter = get_adapter(net)
+    needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
+    calib_info: dict[str, Any] | None = None
+    input_ids = None
+    if needs_data and isinstance(calibration, torch.Tensor):
+        input_ids = calibration.long()
+        calib_info = {
+            "source": "token ids",
+            "windows": input_ids.shape[0],
+            "seqlen": input_ids.shape[1],
+        }
+    elif needs_data:
+        if calib_windows < 1 or seqlen < 2:
+            raise CompensatorError("--calib-windows must be >= 1 and --seqlen >= 2")
+        input_ids = load_calibration_windows(
+            loaded.tokenizer, calibration, calib_windows, seqlen, seed
+        )
+        calib_info = {
+            "source": calibration or "default",
+            "windows": calib_windows,
+            "seqlen": seqlen,
+            "seed": seed,
+        }
+    log.info("recipe %s: %s on %s (%s)", rec.name, rec.scheme.weights.label(), loaded.source, dev)
+    report = run_pipeline(
+        net, adapter, rec, input_ids, device=dev, batch_size=batch_size, progress=progress
+    )
+    spec = rec.scheme.weights
+    qconfig = {
+        "quant_method": "compensator",
+        "format_version": 1,
+        "compensator_version": __version__,
+        "weights": spec.model_dump(),
+        "packing": "int32, little-endian bit stream along the input dimension",
+        "modules": report.quantized_layers,
+        "base_model": loaded.source,
+        "recipe": rec.to_yaml_dict(),
+        "calibration": calib_info,
+    }
+    return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict())
+
+
+def save(qmodel: QuantizedModel, out: str | Path, *, force: bool = False) -> Path:
+    return save_checkpoint(
+        qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer, force=force
+    )
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    return load_checkpoint(path, device=device)
+
+
+def load_target(target: str | Path) -> tuple[nn.Module, Any, str | None]:
+    """A checkpoint or a plain model: (model, tokenizer, base model recorded by a checkpoint)."""
+    if is_checkpoint(target):
+        qc = read_quantization_config(target)["quantization_config"]
+        model = load_checkpoint(target)
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(target))
+        except (OSError, ValueError):
+            tok = load_model(qc["base_model"]).tokenizer
+        return model, tok, qc.get("base_model")
+    loaded = load_model(str(target))
+    return loaded.model, loaded.tokenizer, None
+
+
+def evaluate(
+    target: str | Path | nn.Module | QuantizedModel,
+    *,
+    fp: str | Path | nn.Module | None = None,
+    tokenizer: Any = None,
+    data: str | None = None,
+    windows: int | None = None,
+    seqlen: int = 512,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity (and KL against ``fp`` when given) with the DESIGN protocol.
+
+    For a checkpoint path the FP reference defaults to the base model it records.
+    """
+    base = None
+    if isinstance(target, QuantizedModel):
+        model, tokenizer = target.model, tokenizer or target.tokenizer
+        base = target.quantization_config.get("base_model")
+    elif isinstance(target, str | Path):
+        model, tok, base = load_target(target)
+        tokenizer = tokenizer or tok
+    else:
+        model = target
+    if tokenizer is None:
+        raise CompensatorError("evaluate(model_object) needs tokenizer=...")
+    fp_model = None
+    if isinstance(fp, nn.Module):
+        fp_model = fp
+    elif fp is not None or base is not None:
+        fp_model = load_model(str(fp or base)).model
+    ids = load_eval_windows(tokenizer, data, seqlen, windows)
+    return evaluate_windows(model, ids, fp_model=fp_model, batch_size=batch_size, progress=progress)

@@ -1,0 +1,197 @@
+"""Quantized checkpoints: packed weights in safetensors, ``quantization_config`` in config.json.
+
+Layout of a checkpoint directory::
+
+    config.json          the model config + quantization_config (method, scheme, layers, base model)
+    model.safetensors    every tensor of the model; quantized Linears as qweight/scales/qzeros
+    tokenizer files      when a tokenizer was given
+    recipe.yaml          the recipe that produced it
+
+Writing goes to a hidden temporary sibling directory that is renamed into place only when
+complete, so an interrupted save never leaves a directory that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from compensator.errors import CompensatorError
+from compensator.nn.quant_linear import QuantLinear, replace_module
+from compensator.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "compensator"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CompensatorError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CompensatorError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    quantization_config: dict[str, Any],
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    force: bool = False,
+) -> Path:
+    out = Path(out).resolve()
+    check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
+    t0 = time.perf_counter()
+    try:
+        tmp.mkdir()
+        config = model.config.to_dict()
+        config["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        save_file(
+            _unique_state_dict(model),
+            str(tmp / WEIGHTS_FILE),
+            metadata={"format": "pt", "quant_method": QUANT_METHOD},
+        )
+        recipe = quantization_config.get("recipe")
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    log.info("saved checkpoint to %s (%.1f MB) in %.1fs", out, size / 1e6, time.perf_counter() - t0)
+    return out
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once, under the input embedding's name."""
+    state = model.state_dict()
+    emb = model.get_input_embeddings()
+    emb_name = next((n for n, m in model.named_modules() if m is emb), None)
+    first = [f"{emb_name}.weight"] if emb_name is not None else []
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name in first + [k for k in state if k not in first]:
+        t = state[name]
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_quantization_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CompensatorError(f"no checkpoint directory at {path}")
+    if not is_checkpoint(path):
+        raise CompensatorError(
+            f"{path} is not a compensator checkpoint (config.json has no "
+            f"quantization_config.quant_method == {QUANT_METHOD!r}); quantize a model first"
+        )
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization_config"]
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise CompensatorError(
+            f"{path} was written by a newer compensator (format {qc['format_version']}); upgrade"
+        )
+    return config
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """A transformers model whose quantized Linears are ``QuantLinear`` modules."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    config_dict = read_quantization_config(path)
+    qc = config_dict.pop("quantization_config")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CompensatorError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spec = QuantSpec(**qc["weights"])
+    with safetensors_keys(path / WEIGHTS_FILE) as keys:
+        for name in qc["modules"]:
+            linear = model.get_submodule(name)
+            layer = QuantLinear(
+                linear.in_features, linear.out_features, spec, bias=f"{name}.bias" in keys
+            )
+            replace_module(model, name, layer)
+    missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+    # Tied weights (lm_head = embeddings) are stored once and re-tied here.
+    model.tie_weights()
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise CompensatorError(
+            f"{path / WEIGHTS_FILE} does not match its config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the checkpoint is damaged"
+        )
+    model.compensator_config = qc
+    model.eval().to(device)
+    log.info(
+        "loaded %s (%d quantized layers) in %.1fs",
+        path,
+        len(qc["modules"]),
+        time.perf_counter() - t0,
+    )
+    return model
+
+
+@contextlib.contextmanager
+def safetensors_keys(file: Path) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        yield set(f.keys())
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    if not key.endswith(".weight"):
+        return False
+    module = model.get_submodule(key.rsplit(".", 1)[0])
+    emb = model.get_input_embeddings()
+    return getattr(model.config, "tie_word_embeddings", False) and module.weight is emb.weight

@@ -1,0 +1,235 @@
+"""Command line: ``compensator quantize | eval | recipes | demo``.
+
+User errors print one line (``error: ...``) and exit with status 2; Ctrl-C exits with 130
+and leaves no half-written checkpoint (saving writes to a temporary directory first).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from compensator.errors import CompensatorError
+
+log = logging.getLogger("compensator")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    # transformers' own INFO chatter drowns ours.
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CompensatorError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option(
+    "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
+)
+@click.version_option(package_name="compensator")
+def main(verbose: int, quiet: bool, threads: int | None) -> None:
+    """Post-training quantization of LLMs that compensates quantization error."""
+    _setup_logging(verbose, quiet)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(
+        [
+            click.option(
+                "--bits",
+                type=click.IntRange(2, 8),
+                default=None,
+                help="Weight bits (overrides the recipe).",
+            ),
+            click.option(
+                "--group-size",
+                type=int,
+                default=None,
+                help="Columns per group; -1 for per-channel.",
+            ),
+            click.option(
+                "--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric weights."
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--recipe", "recipe", default="gptq", show_default=True, help="Preset name or YAML file."
+)
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory."
+)
+@_scheme_options
+@click.option(
+    "--calib",
+    "calib",
+    default=None,
+    help="Calibration text: file, wikitext2-valid, embedded, hf:...",
+)
+@click.option("--calib-windows", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--no-progress", is_flag=True)
+@_friendly
+def quantize(
+    model: str, recipe: str, out: str, force: bool, no_progress: bool, **opts: Any
+) -> None:
+    """Quantize MODEL (built-in name, HF directory, .gguf file or hub id) and save it to --out."""
+    from compensator import api
+    from compensator.checkpoint import check_out
+
+    check_out(out, force)  # fail before the expensive part
+    t0 = time.perf_counter()
+    qm = api.quantize(
+        model,
+        recipe,
+        calibration=opts["calib"],
+        calib_windows=opts["calib_windows"],
+        seqlen=opts["seqlen"],
+        seed=opts["seed"],
+        bits=opts["bits"],
+        group_size=opts["group_size"],
+        symmetric=opts["symmetric"],
+        device=opts["device"],
+        batch_size=opts["batch_size"],
+        progress=not no_progress,
+    )
+    path = api.save(qm, out, force=force)
+    click.echo(
+        f"saved {path} ({len(qm.quantization_config['modules'])} quantized layers, {time.perf_counter() - t0:.1f}s)"
+    )
+
+
+@main.command("eval")
+@click.argument("target")
+@click.option("--fp", default=None, help="FP reference model (default: a checkpoint's base model).")
+@click.option("--data", default=None, help="Eval text: wikitext2, embedded, a file, hf:...")
+@click.option("--windows", type=int, default=None, help="Only the first N windows (default: all).")
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-progress", is_flag=True)
+@_friendly
+def eval_cmd(
+    target: str,
+    fp: str | None,
+    data: str | None,
+    windows: int | None,
+    seqlen: int,
+    batch_size: int,
+    as_json: bool,
+    no_progress: bool,
+) -> None:
+    """Perplexity of TARGET (a checkpoint or a model) and KL divergence from the FP model."""
+    from compensator import api
+
+    result = api.evaluate(
+        target,
+        fp=fp,
+        data=data,
+        windows=windows,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        progress=not no_progress,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    fp_ppl = "-" if result.fp_ppl is None else f"{result.fp_ppl:.3f}"
+    kl = "-" if result.kl is None else f"{result.kl:.4f}"
+    click.echo(
+        f"ppl {result.ppl:.3f}  fp_ppl {fp_ppl}  kl {kl}  ({result.windows} windows x {result.seqlen})"
+    )
+
+
+@main.command()
+@_friendly
+def recipes() -> None:
+    """List the preset recipes."""
+    from compensator.recipes.recipe import load_recipe, preset_names
+
+    for name in preset_names():
+        r = load_recipe(name)
+        steps = " -> ".join(s.name for s in r.steps)
+        click.echo(f"{name:12s} {r.scheme.weights.label():10s} {steps:20s} {r.description or ''}")
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option(
+    "--recipes",
+    "recipe_names",
+    default="rtn,gptq",
+    show_default=True,
+    help="Comma-separated presets.",
+)
+@_scheme_options
+@click.option("--calib-windows", type=int, default=32, show_default=True)
+@click.option(
+    "--windows", type=int, default=16, show_default=True, help="Eval windows of 512 tokens."
+)
+@click.option("--no-progress", is_flag=True)
+@_friendly
+def demo(
+    model: str,
+    recipe_names: str,
+    windows: int,
+    calib_windows: int,
+    no_progress: bool,
+    **scheme: Any,
+) -> None:
+    """Quantize the bundled model with each recipe and print a quality table."""
+    from compensator.demo import format_table, run_demo
+
+    rows = run_demo(
+        model,
+        [r.strip() for r in recipe_names.split(",") if r.strip()],
+        bits=scheme["bits"] or 4,
+        group_size=scheme["group_size"] or 128,
+        symmetric=scheme["symmetric"],
+        eval_windows=windows,
+        calib_windows=calib_windows,
+        progress=not no_progress,
+    )
+    click.echo(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

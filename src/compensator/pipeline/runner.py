@@ -1,0 +1,201 @@
+"""The sequential block pipeline.
+
+Capture the inputs of block 0 once. For each block in turn: move it to the work device;
+for each group of Linears (true-sequential order: q/k/v, then o, then gate/up, then down)
+collect input statistics on the quantized stream (and on the FP stream when a step asks),
+round the group's Linears into ``QuantLinear`` modules, so that later groups see the
+already-quantized outputs; then run the quantized block on the quantized stream to feed the
+next block (and the FP block on the FP stream when one is kept); move the block back.
+
+Peak memory is one block plus the activation streams, whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compensator.models.adapter import ModelAdapter
+from compensator.nn.quant_linear import QuantLinear, replace_module
+from compensator.pipeline.stats import LinearStats, StatsAccumulator
+from compensator.pipeline.streams import (
+    Stream,
+    capture_block_inputs,
+    capture_linear_inputs,
+    run_block,
+)
+from compensator.recipes.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineReport:
+    """Where the time went; ``forward`` is calibration passes, ``solve`` the rounding maths."""
+
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"capture": 0.0, "forward": 0.0, "solve": 0.0, "total": 0.0}
+    )
+    blocks: int = 0
+    quantized_layers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": dict(self.seconds),
+            "blocks": self.blocks,
+            "layers": len(self.quantized_layers),
+        }
+
+
+class _Timer:
+    def __init__(self, report: PipelineReport, key: str) -> None:
+        self.report, self.key = report, key
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.report.seconds[self.key] += time.perf_counter() - self.t0
+
+
+def _collect_group_stats(
+    block: nn.Module,
+    fp_block: nn.Module | None,
+    names: list[str],
+    q_stream: Stream,
+    fp_stream: Stream | None,
+    stat_names: set[str],
+    device: torch.device,
+) -> dict[str, LinearStats]:
+    """Statistics of each named Linear's input over all calibration batches.
+
+    Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
+    so X^T X is computed once per distinct input.
+    """
+    acc: dict[str, StatsAccumulator] = {}
+    for b, (hidden, kwargs) in enumerate(zip(q_stream.hidden, q_stream.kwargs, strict=True)):
+        xs = capture_linear_inputs(block, names, hidden, kwargs, device)
+        xs_fp = (
+            capture_linear_inputs(fp_block, names, fp_stream.hidden[b], fp_stream.kwargs[b], device)
+            if fp_block is not None and fp_stream is not None
+            else None
+        )
+        if b == 0:
+            first_owner: dict[int, str] = {}
+            for n in names:
+                owner = first_owner.setdefault(id(xs[n]), n)
+                if owner == n:
+                    d_in = xs[n].shape[-1]
+                    acc[n] = StatsAccumulator(stat_names, d_in, xs[n].device)
+                else:
+                    acc[n] = acc[owner]
+        done: set[int] = set()
+        for n in names:
+            if id(acc[n]) in done:
+                continue
+            done.add(id(acc[n]))
+            acc[n].update(xs[n], xs_fp[n] if xs_fp is not None else None)
+    finals: dict[int, LinearStats] = {}
+    return {n: finals.setdefault(id(a), a.finalize()) for n, a in acc.items()}
+
+
+def _round_group(
+    block: nn.Module,
+    group: list[tuple[str, nn.Linear]],
+    stats: dict[str, LinearStats] | None,
+    recipe: Recipe,
+) -> None:
+    rounder = recipe.rounder
+    spec = recipe.scheme.weights
+    for name, linear in group:
+        qw = rounder.round(linear.weight.data, None if stats is None else stats[name], spec)
+        bias = None if linear.bias is None else linear.bias.data
+        replace_module(block, name, QuantLinear.from_quantized(qw, bias))
+
+
+def run_pipeline(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    recipe: Recipe,
+    input_ids: torch.Tensor | None,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PipelineReport:
+    """Quantize ``model`` in place: its block Linears become ``QuantLinear`` modules."""
+    report = PipelineReport()
+    t_start = time.perf_counter()
+    blocks = adapter.blocks(model)
+    stat_names = set().union(*(s.stats() for s in recipe.steps))
+    keep_fp = any(s.needs_fp_stream() for s in recipe.steps)
+    needs_data = bool(stat_names) or keep_fp
+    storage = torch.device("cpu")
+
+    q_stream = fp_stream = None
+    if needs_data:
+        if input_ids is None:
+            raise ValueError("this recipe needs calibration data")
+        with _Timer(report, "capture"):
+            q_stream = capture_block_inputs(
+                model, blocks, input_ids, batch_size=batch_size, device=device, storage=storage
+            )
+        fp_stream = q_stream if keep_fp else None
+        log.info(
+            "captured block-0 inputs: %d windows x %d tokens in %.1fs",
+            input_ids.shape[0],
+            input_ids.shape[1],
+            report.seconds["capture"],
+        )
+
+    bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
+    for i in bar:
+        t_block = time.perf_counter()
+        block = blocks[i].to(device)
+        fp_block = copy.deepcopy(block) if keep_fp else None
+        groups = adapter.linear_groups(block)
+        for group in groups:
+            stats = None
+            if needs_data:
+                with _Timer(report, "forward"):
+                    stats = _collect_group_stats(
+                        block,
+                        fp_block,
+                        [n for n, _ in group],
+                        q_stream,
+                        fp_stream,
+                        stat_names,
+                        device,
+                    )
+            with _Timer(report, "solve"):
+                _round_group(block, group, stats, recipe)
+            report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]
+        if needs_data:
+            with _Timer(report, "forward"):
+                q_stream = q_stream.replaced(run_block(block, q_stream, device, storage))
+                if fp_block is not None and fp_stream is not None:
+                    fp_stream = fp_stream.replaced(run_block(fp_block, fp_stream, device, storage))
+        blocks[i] = block.to("cpu")
+        del fp_block
+        report.blocks += 1
+        dt = time.perf_counter() - t_block
+        bar.set_postfix(block_s=f"{dt:.1f}")
+        log.debug("block %d quantized in %.2fs", i, dt)
+    report.seconds["total"] = time.perf_counter() - t_start
+    log.info(
+        "quantized %d layers in %d blocks in %.1fs (capture %.1fs, forward passes %.1fs, rounding maths %.1fs)",
+        len(report.quantized_layers),
+        report.blocks,
+        report.seconds["total"],
+        report.seconds["capture"],
+        report.seconds["forward"],
+        report.seconds["solve"],
+    )
+    return report

@@ -1,0 +1,77 @@
+"""Per-Linear input statistics accumulated over calibration batches.
+
+Each statistic is a small class registered by name; steps ask for names. All statistics
+see the quantized-stream input ``x`` of a Linear and, when the recipe keeps an FP stream,
+the FP model's input ``x_fp`` to the same Linear for the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+class Statistic:
+    needs_fp: ClassVar[bool] = False
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def result(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Hessian(Statistic):
+    """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2."""
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        super().__init__(d_in, device)
+        self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+STATISTICS: dict[str, type[Statistic]] = {"hessian": Hessian}
+
+
+@dataclass
+class LinearStats:
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        return self.values.get("hessian")
+
+
+class StatsAccumulator:
+    """All requested statistics for one Linear input."""
+
+    def __init__(self, names: set[str], d_in: int, device: torch.device) -> None:
+        unknown = names - STATISTICS.keys()
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}")
+        self.stats = {n: STATISTICS[n](d_in, device) for n in sorted(names)}
+
+    @property
+    def needs_fp(self) -> bool:
+        return any(s.needs_fp for s in self.stats.values())
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        for s in self.stats.values():
+            s.update(x, x_fp)
+
+    def finalize(self) -> LinearStats:
+        tokens = max((s.tokens for s in self.stats.values()), default=0)
+        return LinearStats({n: s.result() for n, s in self.stats.items()}, tokens)

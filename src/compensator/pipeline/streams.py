@@ -1,0 +1,129 @@
+"""Block inputs: capturing them at block 0 and running a block over a stream of batches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been seen."""
+
+
+@dataclass
+class Stream:
+    """Inputs of one block for every calibration batch, with the keyword arguments the
+    model passed to its blocks (position embeddings, masks), which differ per batch only
+    in their batch dimension."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+    def replaced(self, hidden: list[torch.Tensor]) -> Stream:
+        return Stream(hidden, self.kwargs)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a decoder block to ``device``."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    for module in model.modules():
+        for p in list(module.parameters(recurse=False)):
+            if id(p) not in inside:
+                p.data = p.data.to(device)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if id(b) not in inside:
+                module._buffers[name] = b.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    storage: torch.device,
+) -> Stream:
+    """Run the model up to block 0 on each batch and keep what block 0 receives."""
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def grab(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.to(storage))
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+        kw["use_cache"] = False
+        kwargs.append(_to(kw, storage))
+        raise StopForward
+
+    _move_outside(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            with contextlib.suppress(StopForward):
+                model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+        _move_outside(model, blocks, torch.device("cpu"))
+    return Stream(hidden, kwargs)
+
+
+def block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module, stream: Stream, device: torch.device, storage: torch.device
+) -> list[torch.Tensor]:
+    return [
+        block_output(block(h.to(device), **_to(kw, device))).to(storage)
+        for h, kw in zip(stream.hidden, stream.kwargs, strict=True)
+    ]
+
+
+@torch.no_grad()
+def capture_linear_inputs(
+    block: nn.Module,
+    names: list[str],
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Inputs of the named Linears for one batch; the forward stops once all were seen."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            seen[name] = args[0]
+            if len(seen) == len(names):
+                raise StopForward
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        block(hidden.to(device), **_to(kwargs, device))
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(names) - seen.keys()
+    if missing:
+        raise RuntimeError(f"Linear layers {sorted(missing)} were not called by the block forward")
+    return seen

@@ -1,0 +1,130 @@
+"""Recipe objects, their validation, YAML loading and the presets shipped with the package.
+
+YAML form::
+
+    scheme: {weights: {bits: 4, group_size: 128, symmetric: false}}
+    steps:
+      - gptq: {damp: 0.01, act_order: true}
+
+Python form: ``Recipe(scheme=Scheme(weights=QuantSpec(bits=4)), steps=[GPTQStep()])``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from compensator.errors import CompensatorError
+from compensator.quant.spec import QuantSpec
+from compensator.steps import STEPS, StepConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class Scheme(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: QuantSpec = QuantSpec()
+    activations: None = None  # reserved for activation quantization (W4A8, W4A4)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    description: str | None = None
+    scheme: Scheme = Scheme()
+    steps: list[StepConfig]
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _build_steps(cls, raw: Any) -> list[StepConfig]:
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("steps must be a non-empty list, e.g. [{gptq: {}}]")
+        return [_build_step(item) for item in raw]
+
+    @model_validator(mode="after")
+    def _one_rounder(self) -> Recipe:
+        rounders = [s.name for s in self.steps if s.kind == "rounder"]
+        if len(rounders) != 1:
+            raise ValueError(f"a recipe needs exactly one rounder step, got {rounders or 'none'}")
+        return self
+
+    @property
+    def rounder(self) -> StepConfig:
+        return next(s for s in self.steps if s.kind == "rounder")
+
+    def with_weights(self, **overrides: Any) -> Recipe:
+        """The same recipe with some weight-scheme fields replaced (None values are ignored)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if not changes:
+            return self
+        try:
+            weights = QuantSpec(**{**self.scheme.weights.model_dump(), **changes})
+        except ValidationError as e:
+            raise CompensatorError(f"invalid scheme override: {_first_error(e)}") from None
+        return self.model_copy(
+            update={"scheme": self.scheme.model_copy(update={"weights": weights})}
+        )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scheme": {"weights": self.scheme.weights.model_dump()},
+            "steps": [{s.name: s.model_dump()} for s in self.steps],
+        }
+
+
+def _build_step(item: Any) -> StepConfig:
+    if isinstance(item, StepConfig):
+        return item
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(
+            f"each step is a one-key mapping like {{gptq: {{damp: 0.01}}}}, got {item!r}"
+        )
+    ((name, options),) = item.items()
+    if name not in STEPS:
+        raise ValueError(f"unknown step {name!r}; registered steps: {', '.join(sorted(STEPS))}")
+    return STEPS[name].model_validate(options or {})
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
+    """A preset name, a YAML file path, or a Recipe (returned as is)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    path = Path(name_or_path)
+    if str(name_or_path) in preset_names():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    elif not path.is_file():
+        raise CompensatorError(
+            f"recipe {str(name_or_path)!r} is neither a preset ({', '.join(preset_names())}) "
+            "nor an existing YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CompensatorError(
+            f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CompensatorError(f"recipe {path} must be a mapping with 'scheme' and 'steps'")
+    data.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise CompensatorError(f"recipe {path}: {_first_error(e)}") from None

@@ -1,0 +1,61 @@
+"""The step interface and the registry from step name to implementation.
+
+A recipe step is a validated config object (a pydantic model) registered under its name.
+Adding a method is one config class with ``@register_step`` and an implementation; the
+pipeline never branches on method names, it asks each step what it is (``kind``) and what
+it needs (``stats``, ``needs_fp_stream``).
+
+Kinds, applied in this order inside one block:
+  transform  function-preserving changes of the FP block (rotations, scales)
+  rounder    chooses the quantized weight of each Linear from its input statistics
+  corrector  adds full-precision terms after rounding (low-rank error repair)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from compensator.pipeline.stats import LinearStats
+    from compensator.quant.spec import QuantizedWeight, QuantSpec
+
+StepKind = Literal["transform", "rounder", "corrector"]
+
+
+class StepConfig(BaseModel):
+    """Base of every step config; subclasses set ``name``, ``kind`` and implement their hook."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ClassVar[str]
+    kind: ClassVar[StepKind]
+
+    def stats(self) -> set[str]:
+        """Names of the per-Linear statistics this step needs (see pipeline.stats)."""
+        return set()
+
+    def needs_fp_stream(self) -> bool:
+        """Whether the FP model's inputs to each block must be propagated alongside."""
+        return False
+
+
+class RounderStep(StepConfig):
+    kind: ClassVar[StepKind] = "rounder"
+
+    def round(
+        self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
+    ) -> QuantizedWeight:
+        raise NotImplementedError
+
+
+STEPS: dict[str, type[StepConfig]] = {}
+
+
+def register_step(cls: type[StepConfig]) -> type[StepConfig]:
+    if cls.name in STEPS:
+        raise ValueError(f"step {cls.name!r} registered twice")
+    STEPS[cls.name] = cls
+    return cls

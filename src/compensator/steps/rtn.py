@@ -1,0 +1,23 @@
+"""The RTN rounder step: no calibration data needed."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from compensator.pipeline.stats import LinearStats
+from compensator.quant.spec import QuantizedWeight, QuantSpec
+from compensator.rounders.rtn import rtn
+from compensator.steps.base import RounderStep, register_step
+
+
+@register_step
+class RTNStep(RounderStep):
+    name: ClassVar[str] = "rtn"
+    clip_search: bool = False
+
+    def round(
+        self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
+    ) -> QuantizedWeight:
+        return rtn(weight, spec, clip_search=self.clip_search)
