@@ -118,8 +118,8 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_llama
 import compensator as cp
 torch.manual_seed(0)
-model = tiny_llama(layers={layers}, hidden=256)
-calib = torch.randint(3, 128, (96, 128))
+model = tiny_llama(layers={layers}, hidden=128)
+calib = torch.randint(3, 128, (512, 128))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cp.quantize(model, "gptq", tokenizer=object(), calibration=calib, inplace=True, progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -134,7 +134,8 @@ def _pipeline_peak_mb(layers: int) -> float:
 
 
 def test_peak_memory_does_not_grow_with_blocks() -> None:
-    # Each activation stream is 96 x 128 x 256 x 4 B = 12.6 MB; keeping every block's
-    # activations would add ~75 MB more at 8 layers than at 2.
+    # Each activation stream is 512 x 128 x 128 x 4 B = 33.5 MB while a block's weights are
+    # 0.6 MB, so keeping every block's activations would add ~200 MB at 8 layers over 2.
     two, eight = _pipeline_peak_mb(2), _pipeline_peak_mb(8)
-    assert eight < two + 25, (two, eight)
+    assert two > 30, two  # the probe does see the streams
+    assert eight < two + 40, (two, eight)

@@ -95,15 +95,25 @@ def quantize(
     windows [n, seqlen] used as is.
     """
     torch.manual_seed(seed)
+    if group_size == 0:
+        raise CompensatorError(
+            "--group-size 0 is not valid: use a positive number of columns, or -1 for per-channel"
+        )
     rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
     if group_size == -1:
         rec = rec.with_weights(group_size=None) if rec.scheme.weights.group_size else rec
+    needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
+    # Check the cheap arguments before loading the model, so bad input fails fast.
+    if needs_data and not isinstance(calibration, torch.Tensor):
+        if calib_windows < 1:
+            raise CompensatorError(f"--calib-windows {calib_windows} is not valid: use >= 1")
+        if seqlen < 2:
+            raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
+    dev = resolve_device(device)
     loaded = _as_loaded(model, tokenizer)
     net = loaded.model if inplace or isinstance(model, str | Path) else copy.deepcopy(loaded.model)
     net.eval()
-    dev = resolve_device(device)
     adapter = get_adapter(net)
-    needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
     calib_info: dict[str, Any] | None = None
     input_ids = None
     if needs_data and isinstance(calibration, torch.Tensor):
@@ -114,8 +124,6 @@ def quantize(
             "seqlen": input_ids.shape[1],
         }
     elif needs_data:
-        if calib_windows < 1 or seqlen < 2:
-            raise CompensatorError("--calib-windows must be >= 1 and --seqlen >= 2")
         input_ids = load_calibration_windows(
             loaded.tokenizer, calibration, calib_windows, seqlen, seed
         )
@@ -185,6 +193,10 @@ def evaluate(
 
     For a checkpoint path the FP reference defaults to the base model it records.
     """
+    if windows is not None and windows < 1:
+        raise CompensatorError(f"--windows {windows} is not valid: use a positive count")
+    if seqlen < 2:
+        raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
     base = None
     if isinstance(target, QuantizedModel):
         model, tokenizer = target.model, tokenizer or target.tokenizer

@@ -51,7 +51,8 @@ def is_checkpoint(path: str | Path) -> bool:
     return qc.get("quant_method") == QUANT_METHOD
 
 
-def check_out(out: Path, force: bool) -> None:
+def check_out(out: str | Path, force: bool) -> None:
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise CompensatorError(f"--out {out} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:

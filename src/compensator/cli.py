@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from compensator import __version__
 from compensator.errors import CompensatorError
 
 log = logging.getLogger("compensator")
@@ -28,6 +29,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     )
     # transformers' own INFO chatter drowns ours.
     logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def _no_progress_bars() -> None:
+    """--no-progress also silences transformers' own bars (e.g. "Loading weights")."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,7 +59,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
 )
-@click.version_option(package_name="compensator")
+@click.version_option(__version__, package_name="compensator")  # works uninstalled too
 def main(verbose: int, quiet: bool, threads: int | None) -> None:
     """Post-training quantization of LLMs that compensates quantization error."""
     _setup_logging(verbose, quiet)
@@ -116,6 +124,8 @@ def quantize(
     from compensator.checkpoint import check_out
 
     check_out(out, force)  # fail before the expensive part
+    if no_progress:
+        _no_progress_bars()
     t0 = time.perf_counter()
     qm = api.quantize(
         model,
@@ -160,6 +170,8 @@ def eval_cmd(
     """Perplexity of TARGET (a checkpoint or a model) and KL divergence from the FP model."""
     from compensator import api
 
+    if no_progress:
+        _no_progress_bars()
     result = api.evaluate(
         target,
         fp=fp,
@@ -221,8 +233,8 @@ def demo(
     rows = run_demo(
         model,
         [r.strip() for r in recipe_names.split(",") if r.strip()],
-        bits=scheme["bits"] or 4,
-        group_size=scheme["group_size"] or 128,
+        bits=4 if scheme["bits"] is None else scheme["bits"],
+        group_size=128 if scheme["group_size"] is None else scheme["group_size"],
         symmetric=scheme["symmetric"],
         eval_windows=windows,
         calib_windows=calib_windows,

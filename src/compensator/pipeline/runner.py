@@ -12,7 +12,6 @@ Peak memory is one block plus the activation streams, whatever the number of blo
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,12 +64,42 @@ class _Timer:
         self.report.seconds[self.key] += time.perf_counter() - self.t0
 
 
+def _fp_pass(
+    block: nn.Module, names: list[str], stream: Stream, device: torch.device, storage: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Run the still-FP block on the FP stream: its outputs, and every Linear's input.
+
+    Done once per block before any rounding, so no copy of the FP block is needed. Linears
+    fed the same tensor (q/k/v, gate/up) share one stored input.
+    """
+    inputs: list[dict[str, torch.Tensor]] = []
+    outputs: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            seen[name] = args[0]
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        for hidden, kwargs in zip(stream.hidden, stream.kwargs, strict=True):
+            seen.clear()
+            outputs.append(run_block(block, Stream([hidden], [kwargs]), device, storage)[0])
+            stored: dict[int, torch.Tensor] = {}
+            inputs.append({n: stored.setdefault(id(x), x.to(storage)) for n, x in seen.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs
+
+
 def _collect_group_stats(
     block: nn.Module,
-    fp_block: nn.Module | None,
     names: list[str],
     q_stream: Stream,
-    fp_stream: Stream | None,
+    fp_inputs: list[dict[str, torch.Tensor]] | None,
     stat_names: set[str],
     device: torch.device,
 ) -> dict[str, LinearStats]:
@@ -82,18 +111,12 @@ def _collect_group_stats(
     acc: dict[str, StatsAccumulator] = {}
     for b, (hidden, kwargs) in enumerate(zip(q_stream.hidden, q_stream.kwargs, strict=True)):
         xs = capture_linear_inputs(block, names, hidden, kwargs, device)
-        xs_fp = (
-            capture_linear_inputs(fp_block, names, fp_stream.hidden[b], fp_stream.kwargs[b], device)
-            if fp_block is not None and fp_stream is not None
-            else None
-        )
         if b == 0:
             first_owner: dict[int, str] = {}
             for n in names:
                 owner = first_owner.setdefault(id(xs[n]), n)
                 if owner == n:
-                    d_in = xs[n].shape[-1]
-                    acc[n] = StatsAccumulator(stat_names, d_in, xs[n].device)
+                    acc[n] = StatsAccumulator(stat_names, xs[n].shape[-1], xs[n].device)
                 else:
                     acc[n] = acc[owner]
         done: set[int] = set()
@@ -101,7 +124,8 @@ def _collect_group_stats(
             if id(acc[n]) in done:
                 continue
             done.add(id(acc[n]))
-            acc[n].update(xs[n], xs_fp[n] if xs_fp is not None else None)
+            x_fp = fp_inputs[b][n].to(device) if fp_inputs is not None else None
+            acc[n].update(xs[n], x_fp)
     finals: dict[int, LinearStats] = {}
     return {n: finals.setdefault(id(a), a.finalize()) for n, a in acc.items()}
 
@@ -159,20 +183,19 @@ def run_pipeline(
     for i in bar:
         t_block = time.perf_counter()
         block = blocks[i].to(device)
-        fp_block = copy.deepcopy(block) if keep_fp else None
         groups = adapter.linear_groups(block)
+        fp_inputs = fp_out = None
+        if fp_stream is not None:
+            with _Timer(report, "forward"):
+                all_names = [n for group in groups for n, _ in group]
+                fp_inputs, fp_out = _fp_pass(block, all_names, fp_stream, device, storage)
         for group in groups:
             stats = None
             if needs_data:
                 with _Timer(report, "forward"):
+                    names = [n for n, _ in group]
                     stats = _collect_group_stats(
-                        block,
-                        fp_block,
-                        [n for n, _ in group],
-                        q_stream,
-                        fp_stream,
-                        stat_names,
-                        device,
+                        block, names, q_stream, fp_inputs, stat_names, device
                     )
             with _Timer(report, "solve"):
                 _round_group(block, group, stats, recipe)
@@ -180,10 +203,10 @@ def run_pipeline(
         if needs_data:
             with _Timer(report, "forward"):
                 q_stream = q_stream.replaced(run_block(block, q_stream, device, storage))
-                if fp_block is not None and fp_stream is not None:
-                    fp_stream = fp_stream.replaced(run_block(fp_block, fp_stream, device, storage))
+        if fp_stream is not None and fp_out is not None:
+            fp_stream = fp_stream.replaced(fp_out)
         blocks[i] = block.to("cpu")
-        del fp_block
+        del fp_inputs
         report.blocks += 1
         dt = time.perf_counter() - t_block
         bar.set_postfix(block_s=f"{dt:.1f}")

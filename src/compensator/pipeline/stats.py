@@ -42,7 +42,29 @@ class Hessian(Statistic):
         return self.sum / max(self.tokens, 1)
 
 
-STATISTICS: dict[str, type[Statistic]] = {"hessian": Hessian}
+class FPCross(Statistic):
+    """D = mean over tokens of (x_fp - x) x^T: how the FP model's input to this Linear differs
+    from the quantized model's, correlated with the latter (GPTAQ's asymmetric term)."""
+
+    needs_fp = True
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        super().__init__(d_in, device)
+        self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        if x_fp is None:
+            raise ValueError("the fp_cross statistic needs the FP stream")
+        x = x.reshape(-1, x.shape[-1]).float()
+        dx = x_fp.reshape(-1, x_fp.shape[-1]).to(x) - x
+        self.sum.addmm_(dx.T, x)
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+STATISTICS: dict[str, type[Statistic]] = {"hessian": Hessian, "fp_cross": FPCross}
 
 
 @dataclass
@@ -53,6 +75,10 @@ class LinearStats:
     @property
     def hessian(self) -> torch.Tensor | None:
         return self.values.get("hessian")
+
+    @property
+    def fp_cross(self) -> torch.Tensor | None:
+        return self.values.get("fp_cross")
 
 
 class StatsAccumulator:

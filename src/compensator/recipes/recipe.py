@@ -73,6 +73,7 @@ class Recipe(BaseModel):
     def to_yaml_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "description": self.description,
             "scheme": {"weights": self.scheme.weights.model_dump()},
             "steps": [{s.name: s.model_dump()} for s in self.steps],
         }
@@ -96,7 +97,16 @@ def _build_step(item: Any) -> StepConfig:
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def preset_names() -> list[str]:
@@ -116,11 +126,14 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
             "nor an existing YAML file"
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise CompensatorError(f"cannot read recipe {path}: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise CompensatorError(
-            f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}"
-        ) from None
+        raise CompensatorError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise CompensatorError(f"recipe {path} must be a mapping with 'scheme' and 'steps'")
     data.setdefault("name", path.stem)

@@ -15,7 +15,9 @@ Either way the checkpoint needs no column permutation index.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -69,6 +71,21 @@ def inverse_cholesky_upper(h: torch.Tensor, damp: float = 0.0) -> torch.Tensor:
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
 
 
+def future_share(cross: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row q of the result is ``cross[q, F] @ inv(H[F, F])`` on F = {q+1, ...}, zero elsewhere.
+
+    ``u`` is the upper Cholesky factor of H^-1 (H^-1 = U^T U, so with L = U^T this is the
+    issue's ((C L) * upper_mask) L^T). It is the least-squares map that spreads a residual
+    carried by input q over the inputs not yet quantized: with ``cross`` = D = (X_fp - X) X^T
+    it is GPTAQ's P, with ``cross`` = X_fp X^T it is ResComp's R.
+    """
+    return torch.triu(cross @ u.T, diagonal=1) @ u
+
+
+LazySource = Literal["current", "clamped", "quantized"]
+AsymmetricForm = Literal["neuron", "exact"]
+
+
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -79,85 +96,167 @@ def gptq(
     act_order: bool = True,
     group_params: Literal["dynamic", "static"] = "dynamic",
     clip_search: bool = False,
+    fp_cross: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    compensation_aware: bool = False,
+    beta: float = 1.0,
+    lazy_source: LazySource = "current",
+    asymmetric_form: AsymmetricForm = "neuron",
 ) -> QuantizedWeight:
-    """Quantize ``w`` [out, in] given the input Hessian ``h`` [in, in] (any positive scale).
+    """Quantize ``w`` [out, in] given the input Hessian ``h`` = X X^T [in, in] (any positive scale).
+
+    GPTAQ (asymmetric calibration): with ``fp_cross`` = D = (X_fp - X) X^T on the same scale
+    as ``h``, the target becomes W X_fp: quantizing column q also hands ``alpha * W[:, q] *
+    P[q, q+1:]`` to the later columns.
+
+    Compensation-aware error (ResComp): each step also hands ``beta * (W0[:, q] - W[:, q]) *
+    R[q, q+1:]`` to the later columns, R built from C = H + D (C = H without ``fp_cross``), so
+    steps aim at the original output rather than at the already-compensated weights.
+
+    ``asymmetric_form="exact"`` replaces the per-column P term by the exact sequential
+    least-squares optimum for the target W0 X_fp: after any prefix of columns is rounded, the
+    rest equal argmin ||W_F X_F - (W0 X_fp - Q X_fixed)||. Since GPTQ's OBS recursion is
+    exact for a fixed target, that is plain GPTQ started from W0 (I + alpha D H^-1). GPTAQ's
+    neuron decomposition drops the part of the residual carried by the remaining columns
+    themselves; the exact form keeps it.
+
+    ``lazy_source`` picks which value of a finished column feeds those two terms in the
+    lazy block update: its value just before rounding (``current``: the exact column-by-column
+    algorithm), that value clamped to the column's quantization range (``clamped``), or the
+    rounded value (``quantized``, as the GPTAQ reference code does). Inside a block the
+    pre-rounding value is always used.
 
     Works in the dtype of ``h`` (float32 in the pipeline, float64 in exactness tests).
     """
     dtype = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+    dead = torch.diag(h) == 0
     h, wd = prepare_hessian(h.to(dtype), w.to(dtype), damp)
     rows, cols = wd.shape
     group_idx = spec.group_of_columns(cols, wd.device)
     gs = cols if spec.group_size is None else spec.group_size
+    cross = None if fp_cross is None else fp_cross.to(dtype).clone()
+    if cross is not None:
+        cross[:, dead] = 0
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
         wd, h = wd[:, perm], h[perm][:, perm]
         group_idx = group_idx[perm]
+        cross = None if cross is None else cross[perm][:, perm]
     u = inverse_cholesky_upper(h, damp)
+    if cross is not None and asymmetric_form == "exact":
+        wd = wd + alpha * ((wd @ cross) @ u.T) @ u  # W0 D H^-1 with H^-1 = U^T U
+        cross = None
+    share_p = None if cross is None or alpha == 0 else alpha * future_share(cross, u)
+    share_r = None
+    if compensation_aware and beta != 0:
+        c = h if cross is None else h + cross
+        share_r = beta * future_share(c, u)
+    w0 = wd.clone() if share_r is not None else None
+    extras = share_p is not None or share_r is not None
 
     n_groups = spec.n_groups(cols)
     if group_params == "static":
         unperm = wd if perm is None else wd[:, torch.argsort(perm)]
         params = fit_params(unperm, spec, clip_search=clip_search)
         scale, zero = params.scale.to(dtype), params.zero.to(dtype)
-        fitted = torch.ones(n_groups, dtype=torch.bool)
+        fitted = [True] * n_groups
     else:
         scale = torch.zeros(rows, n_groups, dtype=dtype, device=wd.device)
         zero = torch.zeros_like(scale)
-        fitted = torch.zeros(n_groups, dtype=torch.bool)
+        fitted = [False] * n_groups
     # Position of every original column in the processing order, to gather a group's columns.
     pos_of = torch.argsort(perm) if perm is not None else torch.arange(cols, device=wd.device)
     group_list = group_idx.tolist()
+
+    def pending(
+        err_done: torch.Tensor,
+        src_done: torch.Tensor,
+        i1: int,
+        i: int,
+        target: torch.Tensor | slice,
+    ) -> torch.Tensor:
+        """The lazy update owed to columns ``target`` by block columns i1 .. i1+i-1."""
+        upd = -err_done @ u[i1 : i1 + i, target]
+        if share_p is not None:
+            upd += src_done @ share_p[i1 : i1 + i, target]
+        if share_r is not None and w0 is not None:
+            upd += (w0[:, i1 : i1 + i] - src_done) @ share_r[i1 : i1 + i, target]
+        return upd
 
     codes = torch.zeros(rows, cols, dtype=dtype, device=wd.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wd[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
+        src1 = torch.zeros_like(w1) if extras else err1[:, :0]
         u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            g = group_list[i1 + i]
-            if not fitted[g]:
-                members = pos_of[g * gs : min((g + 1) * gs, cols)]
-                current = _current_columns(members, wd, w1, err1[:, :i], u, i1, i2, i)
-                s, z = fit_group(current, spec, clip_search=clip_search)
-                scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
-                fitted[g] = True
-            col = w1[:, i]
-            s, z = scale[:, g], zero[:, g]
-            q = quantize_codes(col, s, z, spec)
-            codes[:, i1 + i] = q
-            e = (col - dequantize_codes(q, s, z).to(dtype)) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err1[:, i] = e
-        wd[:, i2:] -= err1 @ u[i1:i2, i2:]
+        # The per-column ops are tiny; a thread pool only adds synchronization (7x slower
+        # on a busy 2-core machine). The block-level matmuls below keep all threads.
+        with _single_thread(wd.device):
+            for i in range(i2 - i1):
+                g = group_list[i1 + i]
+                if not fitted[g]:
+                    members = pos_of[g * gs : min((g + 1) * gs, cols)]
+                    current = torch.empty(rows, len(members), dtype=dtype, device=wd.device)
+                    inside = members < i2
+                    current[:, inside] = w1[:, members[inside] - i1]
+                    later = members[~inside]
+                    if len(later):
+                        current[:, ~inside] = wd[:, later] + pending(
+                            err1[:, :i], src1[:, :i], i1, i, later
+                        )
+                    s, z = fit_group(current, spec, clip_search=clip_search)
+                    scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+                    fitted[g] = True
+                col = w1[:, i].clone()
+                s, z = scale[:, g], zero[:, g]
+                q = quantize_codes(col, s, z, spec)
+                codes[:, i1 + i] = q
+                deq = dequantize_codes(q, s, z).to(dtype)
+                e = (col - deq) / u1[i, i]
+                w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+                err1[:, i] = e
+                if extras:
+                    if share_p is not None:
+                        w1[:, i + 1 :] += col[:, None] * share_p[i1 + i, i1 + i + 1 : i2][None, :]
+                    if share_r is not None and w0 is not None:
+                        drift = w0[:, i1 + i] - col
+                        w1[:, i + 1 :] += drift[:, None] * share_r[i1 + i, i1 + i + 1 : i2][None, :]
+                    src1[:, i] = _lazy_value(col, deq, s, z, spec, lazy_source)
+        if i2 < cols:
+            wd[:, i2:] += pending(err1, src1, i1, i2 - i1, slice(i2, cols))
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(codes.to(torch.uint8), QuantParams(scale.float(), zero.float()), spec)
 
 
-def _current_columns(
-    members: torch.Tensor,
-    wd: torch.Tensor,
-    w1: torch.Tensor,
-    err_done: torch.Tensor,
-    u: torch.Tensor,
-    i1: int,
-    i2: int,
-    i: int,
+def _lazy_value(
+    col: torch.Tensor,
+    deq: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: QuantSpec,
+    source: LazySource,
 ) -> torch.Tensor:
-    """Up-to-date values of not-yet-quantized columns at processing positions ``members``.
+    if source == "current":
+        return col
+    if source == "quantized":
+        return deq
+    lo = dequantize_codes(torch.zeros_like(zero), scale, zero).to(col.dtype)
+    hi = dequantize_codes(torch.full_like(zero, spec.maxq), scale, zero).to(col.dtype)
+    return torch.minimum(torch.maximum(col, lo), hi)
 
-    Columns inside the current block live in ``w1``; later ones still lack the lazy update
-    from the columns already done in this block, which is applied here to just them.
-    """
-    out = torch.empty(wd.shape[0], len(members), dtype=wd.dtype, device=wd.device)
-    inside = members < i2
-    if inside.any():
-        out[:, inside] = w1[:, members[inside] - i1]
-    if (~inside).any():
-        later = members[~inside]
-        out[:, ~inside] = wd[:, later] - err_done @ u[i1 : i1 + i, later]
-    return out
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

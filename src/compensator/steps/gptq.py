@@ -1,4 +1,4 @@
-"""The GPTQ rounder step."""
+"""The GPTQ rounder step, with GPTAQ (asymmetric calibration) and compensation-aware error."""
 
 from __future__ import annotations
 
@@ -9,21 +9,33 @@ from pydantic import Field
 
 from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
-from compensator.rounders.gptq import gptq
+from compensator.rounders.gptq import AsymmetricForm, LazySource, gptq
 from compensator.steps.base import RounderStep, register_step
 
 
 @register_step
 class GPTQStep(RounderStep):
+    """GPTQ; ``asymmetric`` aims at the FP model's output W X_fp (GPTAQ), ``compensation_aware``
+    adds ResComp's term aligning every step with the original weights' output."""
+
     name: ClassVar[str] = "gptq"
     damp: float = Field(0.01, gt=0, le=1, description="fraction of mean(diag H) added to H")
     block_size: int = Field(128, ge=1)
     act_order: bool = True
     group_params: Literal["dynamic", "static"] = "dynamic"
     clip_search: bool = False
+    asymmetric: bool = Field(False, description="GPTAQ: calibrate against the FP stream's inputs")
+    asymmetric_form: AsymmetricForm = "neuron"
+    alpha: float = Field(0.25, ge=0, le=4, description="scale of the asymmetric term")
+    compensation_aware: bool = False
+    beta: float = Field(0.25, ge=0, le=4, description="scale of the compensation-aware term")
+    lazy_source: LazySource = "current"
 
     def stats(self) -> set[str]:
-        return {"hessian"}
+        return {"hessian", "fp_cross"} if self.asymmetric else {"hessian"}
+
+    def needs_fp_stream(self) -> bool:
+        return self.asymmetric
 
     def round(
         self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
@@ -38,4 +50,10 @@ class GPTQStep(RounderStep):
             act_order=self.act_order,
             group_params=self.group_params,
             clip_search=self.clip_search,
+            fp_cross=stats.fp_cross if self.asymmetric else None,
+            alpha=self.alpha,
+            asymmetric_form=self.asymmetric_form,
+            compensation_aware=self.compensation_aware,
+            beta=self.beta,
+            lazy_source=self.lazy_source,
         )

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run every test, the slow real-model ones included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export COMPENSATOR_DATA=${COMPENSATOR_DATA:-$(cd .. && pwd)/shared/data}
+ruff check src tests benchmarks
+ruff format --check src tests benchmarks
+python -m pytest -q "$@"
