@@ -206,15 +206,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Eval: {p['eval']}, {p['eval_windows']} windows; calibration: {p['calibration']}; "
         f"{p['threads']} CPU threads. FP ppl {p['fp_ppl']:.2f}.",
         "",
-        "| method | scheme | ppl | KL | quantize s | time ratio | forward passes s | rounding maths s | peak RSS during quantize MB | process peak RSS MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| FP | - | {p['fp_ppl']:.2f} | 0 | | | | | | |",
+        "| method | scheme | ppl | KL | quantize s | time ratio | forward passes s | statistics s | rounding maths s | peak RSS during quantize MB | process peak RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| FP | - | {p['fp_ppl']:.2f} | 0 | | | | | | | |",
     ]
     for r in result["rows"]:
         ratio = r["seconds"] / first[r["scheme"]]
         lines.append(
             f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['seconds']:.1f} | {ratio:.2f} "
-            f"| {r['pipeline']['forward']:.1f} | {r['pipeline']['solve']:.1f} "
+            f"| {r['pipeline']['forward']:.1f} | {r['pipeline']['statistics']:.1f} "
+            f"| {r['pipeline']['solve']:.1f} "
             f"| {r['rss_peak_quantize_mb']:.0f} | {r['rss_process_peak_mb']:.0f} |"
         )
     lines += ["", "Reference rows (ppl) from ../shared/PEERS.md, same protocol:", ""]

@@ -199,8 +199,16 @@ def recipes() -> None:
 
     for name in preset_names():
         r = load_recipe(name)
-        steps = " -> ".join(s.name for s in r.steps)
-        click.echo(f"{name:12s} {r.scheme.weights.label():10s} {steps:20s} {r.description or ''}")
+        steps = " -> ".join(_step_label(s) for s in r.steps)
+        click.echo(f"{name:12s} {r.scheme.weights.label():8s} {steps}")
+        if r.description:
+            click.echo(f"{'':12s} {r.description}")
+
+
+def _step_label(step: Any) -> str:
+    options = step.model_dump(exclude_defaults=True)
+    inner = ", ".join(f"{k}={v}" for k, v in options.items())
+    return f"{step.name}({inner})" if inner else step.name
 
 
 @main.command()
