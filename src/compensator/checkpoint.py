@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -46,9 +47,9 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
     try:
         qc = json.loads(config.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         return False
-    return qc.get("quant_method") == QUANT_METHOD
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def check_out(out: str | Path, force: bool) -> None:
@@ -75,7 +76,10 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         config = model.config.to_dict()
-        config["quantization_config"] = quantization_config
+        config["quantization_config"] = {
+            **quantization_config,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         save_file(
             _unique_state_dict(model),
@@ -107,7 +111,7 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in first + [k for k in state if k not in first]:
         t = state[name]
         key = (t.data_ptr(), tuple(t.shape))
-        if key in seen:
+        if t.numel() and key in seen:
             continue
         seen.add(key)
         out[name] = t.detach().contiguous()
@@ -119,7 +123,12 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)  # put the previous checkpoint back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -152,8 +161,15 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         raise CompensatorError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
+    dtype = getattr(torch, str(qc.get("dtype", "float32")))
+    # The saved class, not the model type's default (a Gemma3ForCausalLM has a gemma3 config).
+    arch = (config_dict.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if cls is not None and hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec = QuantSpec(**qc["weights"])
     with safetensors_keys(path / WEIGHTS_FILE) as keys:
         for name in qc["modules"]:

@@ -69,6 +69,14 @@ class QuantLinear(nn.Module):
         # Code that inspects ``layer.weight`` (dtype/device probes, tied-weight checks) keeps working.
         return self.weight_cache if self.weight_cache is not None else self.dequantize_weight()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # model.half()/.to(bfloat16) must not round the scales: they keep the spec's dtype.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(device=self.scales.device)
+        self.weight_cache = None
+        return self
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.weight_cache = None
         super()._load_from_state_dict(*args, **kwargs)

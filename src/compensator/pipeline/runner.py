@@ -97,7 +97,10 @@ def _fp_pass(
             seen.clear()
             outputs.append(run_block(block, Stream([hidden], [kwargs]), device, storage)[0])
             stored: dict[int, torch.Tensor] = {}
-            inputs.append({n: stored.setdefault(id(x), x.to(storage)) for n, x in seen.items()})
+            for x in seen.values():
+                if id(x) not in stored:
+                    stored[id(x)] = x.to(storage)
+            inputs.append({n: stored[id(x)] for n, x in seen.items()})
     finally:
         for h in handles:
             h.remove()
@@ -139,7 +142,10 @@ def _collect_group_stats(
             acc[n].update(xs[n], x_fp)
             report.seconds["statistics"] += time.perf_counter() - t0
     finals: dict[int, LinearStats] = {}
-    return {n: finals.setdefault(id(a), a.finalize()) for n, a in acc.items()}
+    for a in acc.values():
+        if id(a) not in finals:
+            finals[id(a)] = a.finalize()
+    return {n: finals[id(a)] for n, a in acc.items()}
 
 
 def _round_group(
@@ -176,13 +182,15 @@ def run_pipeline(
     storage = torch.device("cpu")
 
     q_stream = fp_stream = None
+    block_kwargs: list[list[dict[str, Any]]] = []
     if needs_data:
         if input_ids is None:
             raise ValueError("this recipe needs calibration data")
         with _Timer(report, "capture"):
-            q_stream = capture_block_inputs(
+            hidden, block_kwargs = capture_block_inputs(
                 model, blocks, input_ids, batch_size=batch_size, device=device, storage=storage
             )
+        q_stream = Stream(hidden, block_kwargs[0])
         fp_stream = q_stream if keep_fp else None
         log.info(
             "captured block-0 inputs: %d windows x %d tokens in %.1fs",
@@ -195,6 +203,10 @@ def run_pipeline(
     for i in bar:
         t_block = time.perf_counter()
         block = blocks[i].to(device)
+        if q_stream is not None:
+            q_stream = Stream(q_stream.hidden, block_kwargs[i])
+        if fp_stream is not None:
+            fp_stream = Stream(fp_stream.hidden, block_kwargs[i])
         groups = adapter.linear_groups(block)
         fp_inputs = fp_out = None
         if fp_stream is not None:
@@ -217,7 +229,7 @@ def run_pipeline(
                 q_stream = q_stream.replaced(run_block(block, q_stream, device, storage))
         if fp_stream is not None and fp_out is not None:
             fp_stream = fp_stream.replaced(fp_out)
-        blocks[i] = block.to("cpu")
+        blocks[i] = block.to(storage)
         del fp_inputs
         report.blocks += 1
         dt = time.perf_counter() - t_block

@@ -31,8 +31,13 @@ class Stream:
 def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, tuple):
+        moved = [_to(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
     return value
 
 
@@ -57,29 +62,43 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device,
     storage: torch.device,
-) -> Stream:
-    """Run the model up to block 0 on each batch and keep what block 0 receives."""
-    hidden: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = []
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Block 0's inputs per batch, and the keyword arguments the model passes to *each* block.
 
-    def grab(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.to(storage))
-        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
-        kw["use_cache"] = False
-        kwargs.append(_to(kw, storage))
-        raise StopForward
+    The keyword arguments differ between blocks in some families (Gemma 2/3 and Qwen2 with
+    sliding windows pass per-layer masks and rotary embeddings), so every block's are kept.
+    While capturing, each block's forward is swapped for a pass-through that records them,
+    and the model stops after the last block (no lm_head).
+    """
+    hidden: list[torch.Tensor] = []
+    per_block: list[list[dict[str, Any]]] = [[] for _ in blocks]
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kw: Any) -> Any:
+            h = args[0] if args else kw.pop("hidden_states")
+            if index == 0:
+                hidden.append(h.to(storage))
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+            kw["use_cache"] = False
+            per_block[index].append(_to(kw, storage))
+            if index == len(blocks) - 1:
+                raise StopForward
+            return h
+
+        return forward
 
     _move_outside(model, blocks, device)
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)  # instance attribute shadows the class's forward
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             with contextlib.suppress(StopForward):
                 model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
     finally:
-        handle.remove()
-        _move_outside(model, blocks, torch.device("cpu"))
-    return Stream(hidden, kwargs)
+        for block in blocks:
+            del block.forward
+        _move_outside(model, blocks, storage)
+    return hidden, per_block
 
 
 def block_output(out: Any) -> torch.Tensor:

@@ -91,8 +91,10 @@ def _range_params(
     else:
         scale = (xmax - xmin) / spec.maxq
         zero = None
-    # An all-zero group would give scale 0; any positive scale represents it exactly.
+    # An all-zero group would give scale 0; any positive scale represents it exactly. A tiny
+    # but nonzero range must not underflow to 0 in the scale dtype (0/0 would give NaN).
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.clamp_min(torch.finfo(spec.torch_scale_dtype).tiny)
     scale = scale.to(spec.torch_scale_dtype).to(torch.float32)
     if zero is None:
         zero = torch.clamp(torch.round(-xmin / scale), 0, spec.maxq)

@@ -111,7 +111,9 @@ def gptq(
 
     Compensation-aware error (ResComp): each step also hands ``beta * (W0[:, q] - W[:, q]) *
     R[q, q+1:]`` to the later columns, R built from C = H + D (C = H without ``fp_cross``), so
-    steps aim at the original output rather than at the already-compensated weights.
+    steps aim at the original output rather than at the already-compensated weights. R uses
+    the unscaled D (``alpha`` scales P only); with the exact form, R is built from H and W0 is
+    the transformed start W0 (I + alpha D H^-1), since that already carries the D part.
 
     ``asymmetric_form="exact"`` replaces the per-column P term by the exact sequential
     least-squares optimum for the target W0 X_fp: after any prefix of columns is rounded, the
@@ -138,7 +140,7 @@ def gptq(
     if cross is not None:
         cross[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         wd, h = wd[:, perm], h[perm][:, perm]
         group_idx = group_idx[perm]
