@@ -46,7 +46,11 @@ def _column_reference(w, h, d, spec, *, alpha, beta, damp=0.01, act_order=False)
     d = d.clone()
     d[:, dead] = 0
     n = w.shape[1]
-    order = torch.argsort(torch.diag(hd), descending=True).tolist() if act_order else list(range(n))
+    order = (
+        torch.argsort(torch.diag(h), descending=True, stable=True).tolist()
+        if act_order
+        else list(range(n))
+    )
     w = w.clone()
     w0 = w.clone()
     c = hd + d
