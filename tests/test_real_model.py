@@ -88,6 +88,6 @@ def test_real_checkpoint_round_trip(smol: LoadedModel, calib: torch.Tensor, tmp_
     # The CLI evaluates the checkpoint against the base model it records.
     res = CliRunner().invoke(main, ["eval", str(out), "--windows", "1", "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
-    result = json.loads(res.output.strip().splitlines()[-1])
+    result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["windows"] == 1 and result["seqlen"] == 512
     assert result["kl"] > 0 and result["fp_ppl"] < result["ppl"] * 1.2
