@@ -100,8 +100,6 @@ def quantize(
             "--group-size 0 is not valid: use a positive number of columns, or -1 for per-channel"
         )
     rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
-    if group_size == -1:
-        rec = rec.with_weights(group_size=None) if rec.scheme.weights.group_size else rec
     needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
     # Check the cheap arguments before loading the model, so bad input fails fast.
     if needs_data and not isinstance(calibration, torch.Tensor):

@@ -13,7 +13,6 @@ complete, so an interrupted save never leaves a directory that looks like a chec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -171,14 +170,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec = QuantSpec(**qc["weights"])
-    with safetensors_keys(path / WEIGHTS_FILE) as keys:
-        for name in qc["modules"]:
-            linear = model.get_submodule(name)
-            layer = QuantLinear(
-                linear.in_features, linear.out_features, spec, bias=f"{name}.bias" in keys
-            )
-            replace_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+    state = load_file(str(path / WEIGHTS_FILE))
+    for name in qc["modules"]:
+        linear = model.get_submodule(name)
+        layer = QuantLinear(
+            linear.in_features, linear.out_features, spec, bias=f"{name}.bias" in state
+        )
+        replace_module(model, name, layer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embeddings) are stored once and re-tied here.
     model.tie_weights()
     missing = [k for k in missing if not _is_tied(model, k)]
@@ -196,14 +195,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         time.perf_counter() - t0,
     )
     return model
-
-
-@contextlib.contextmanager
-def safetensors_keys(file: Path) -> Any:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        yield set(f.keys())
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
