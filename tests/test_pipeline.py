@@ -112,18 +112,29 @@ def test_generic_adapter_quantizes_unregistered_model(monkeypatch: pytest.Monkey
     assert len(qm.quantization_config["modules"]) == 14
 
 
+# ru_maxrss is a process-lifetime high-water mark: on some machines importing the stack
+# already peaks above the pipeline, which hides it. Writing 5 to clear_refs resets the
+# kernel's high-water mark (VmHWM) to the current RSS, so the probe sees the pipeline's own
+# peak; sampling RSS from a thread instead misses short peaks and flips between readings.
 _MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_llama
 import compensator as cp
+
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
 torch.manual_seed(0)
 model = tiny_llama(layers={layers}, hidden=128)
 calib = torch.randint(3, 128, (512, 128))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status_mb("VmRSS")
 cp.quantize(model, "gptq", tokenizer=object(), calibration=calib, inplace=True, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) / 1024)
+print(status_mb("VmHWM") - base)
 """
 
 
@@ -135,7 +146,8 @@ def _pipeline_peak_mb(layers: int) -> float:
 
 def test_peak_memory_does_not_grow_with_blocks() -> None:
     # Each activation stream is 512 x 128 x 128 x 4 B = 33.5 MB while a block's weights are
-    # 0.6 MB, so keeping every block's activations would add ~200 MB at 8 layers over 2.
-    two, eight = _pipeline_peak_mb(2), _pipeline_peak_mb(8)
+    # 0.6 MB, so keeping every block's activations would add ~270 MB at 10 layers over 2.
+    # The allocator alone moves the peak by up to ~60 MB between identical runs.
+    two, ten = _pipeline_peak_mb(2), _pipeline_peak_mb(10)
     assert two > 30, two  # the probe does see the streams
-    assert eight < two + 40, (two, eight)
+    assert ten < two + 100, (two, ten)
