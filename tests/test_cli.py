@@ -141,7 +141,9 @@ def test_eval_checkpoint_json(checkpoint: Path, tiny_dir: Path) -> None:
     assert math.isfinite(q["ppl"]) and q["ppl"] > 1
     # The FP reference is the base model recorded in the checkpoint.
     fp = eval_json(tiny_dir, tiny_dir)
-    assert fp["fp_ppl"] is None and fp["kl"] is None
+    assert fp["fp_ppl"] is None and fp["kl"] is None and fp["bits_per_weight"] is None
+    # 4-bit codes plus an fp16 scale and a 4-bit zero per group of 16: 4 + 20/16 bits.
+    assert q["bits_per_weight"] == pytest.approx(4 + 20 / 16)
     assert q["fp_ppl"] == pytest.approx(fp["ppl"], rel=1e-6)
     # 4 bits with groups of 16 stays close to the FP model.
     assert abs(math.log(q["ppl"] / q["fp_ppl"])) < 0.1
@@ -495,3 +497,32 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     assert "no-such-model" in lines[0]
     assert proc.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rank_and_act_bits_flags(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    args = quantize_args(tiny_dir, out, "--rank", 4, "--act-bits", 8, recipe="gptq-l2qer")
+    result = invoke(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["activations"]["bits"] == 8
+    assert qc["recipe"]["steps"][1]["lqer"]["rank"] == 4
+    q = eval_json(out, tiny_dir)
+    # 4-bit codes + scale/zero per group of 128 (one ragged group per row of 64 or 96 inputs),
+    # + rank-4 fp16 factors: well above 4 bits on layers this narrow.
+    assert q["bits_per_weight"] > 4 + 4 * 16 * 2 / 96
+
+
+def test_rank_without_a_corrector(tiny_dir: Path, tmp_path: Path, no_model_load: list[str]) -> None:
+    result = invoke(*quantize_args(tiny_dir, tmp_path / "q", "--rank", 8, recipe="gptq"))
+    assert_user_error(result, "--rank needs a recipe with a low-rank corrector")
+    assert no_model_load == []
+
+
+def test_bad_rank(tiny_dir: Path, tmp_path: Path, no_model_load: list[str]) -> None:
+    result = invoke(*quantize_args(tiny_dir, tmp_path / "q", "--rank", -3, recipe="gptq-l2qer"))
+    assert_user_error(result, "--rank", "rank must be >= 0")
+    result = invoke(*quantize_args(tiny_dir, tmp_path / "q", "--rank", "abc", recipe="gptq-l2qer"))
+    assert result.exit_code == 2 and "Traceback" not in result.output  # click's usage error
+    assert "'abc' is not an integer rank" in result.stderr
+    assert no_model_load == []

@@ -145,6 +145,7 @@ def test_to_dict_round_trips() -> None:
         "windows": 4,
         "seqlen": 512,
         "seconds": 1.5,
+        "bits_per_weight": None,
     }
     assert EvalResult(**result.to_dict()) == result
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import compensator as cp
+from compensator.pipeline.stats import FPCross, FPCrossBF16
 from compensator.quant import QuantSpec
 from compensator.quant.spec import dequantize_codes, fit_group, quantize_codes
+from compensator.recipes import Recipe, Scheme
 from compensator.rounders import gptq, prepare_hessian
 from compensator.rounders.gptq import future_share, inverse_cholesky_upper
+from compensator.steps.gptq import GPTQStep
+from conftest import VOCAB, tiny_llama
 
 
 def _problem(seed: int, rows: int = 16, cols: int = 48, tokens: int = 400, drift: float = 0.3):
@@ -157,3 +162,32 @@ def test_lazy_variants_stay_valid(source: str) -> None:
     assert torch.isfinite(q.dequantize()).all()
     err = _target_error(w, q.dequantize().double(), x, x_fp)
     assert err < _target_error(w, gptq(w, h, spec).dequantize().double(), x, x_fp) * 1.5
+
+
+def test_bfloat16_cross_statistic_is_close_to_float32() -> None:
+    g = torch.Generator().manual_seed(0)
+    exact, fast = FPCross(96, torch.device("cpu")), FPCrossBF16(96, torch.device("cpu"))
+    for _ in range(4):
+        x = torch.randn(256, 96, generator=g) * torch.linspace(0.1, 5, 96)
+        x_fp = x + 0.1 * torch.randn(256, 96, generator=g)
+        exact.update(x, x_fp)
+        fast.update(x, x_fp)
+    d, d_fast = exact.result(), fast.result()
+    rel = ((d_fast - d).norm() / d.norm()).item()
+    assert 0 < rel < 1e-2
+
+
+def test_bfloat16_fp_stream_recipe_runs_and_stays_close() -> None:
+    ids = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_llama()(ids).logits
+
+    def err(precision: str) -> float:
+        step = GPTQStep(asymmetric=True, fp_precision=precision)
+        rec = Recipe(scheme=Scheme(weights=QuantSpec(bits=3, group_size=16)), steps=[step])
+        qm = cp.quantize(tiny_llama(), rec, tokenizer=object(), calibration=ids, progress=False)
+        with torch.no_grad():
+            return (qm.model(ids).logits - ref).pow(2).mean().item()
+
+    e32, e16 = err("float32"), err("bfloat16")
+    assert e16 != e32 and abs(e16 - e32) < 0.1 * e32

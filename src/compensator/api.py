@@ -24,6 +24,7 @@ from compensator.evaluate import EvalResult
 from compensator.evaluate import evaluate as evaluate_windows
 from compensator.models.adapter import get_adapter
 from compensator.models.loading import LoadedModel, load_model
+from compensator.nn.quant_linear import bits_per_weight
 from compensator.pipeline.runner import run_pipeline
 from compensator.recipes.recipe import Recipe, load_recipe
 
@@ -81,6 +82,8 @@ def quantize(
     bits: int | None = None,
     group_size: int | None = None,
     symmetric: bool | None = None,
+    rank: int | float | None = None,
+    act_bits: int | None = None,
     device: str | torch.device | None = "auto",
     batch_size: int = 8,
     inplace: bool = False,
@@ -99,7 +102,12 @@ def quantize(
         raise CompensatorError(
             "--group-size 0 is not valid: use a positive number of columns, or -1 for per-channel"
         )
-    rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
+    rec = (
+        load_recipe(recipe)
+        .with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
+        .with_rank(rank)
+        .with_act_bits(act_bits)
+    )
     needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
     # Check the cheap arguments before loading the model, so bad input fails fast.
     if needs_data and not isinstance(calibration, torch.Tensor):
@@ -131,16 +139,18 @@ def quantize(
             "seqlen": seqlen,
             "seed": seed,
         }
-    log.info("recipe %s: %s on %s (%s)", rec.name, rec.scheme.weights.label(), loaded.source, dev)
+    log.info("recipe %s: %s on %s (%s)", rec.name, rec.scheme.label(), loaded.source, dev)
     report = run_pipeline(
         net, adapter, rec, input_ids, device=dev, batch_size=batch_size, progress=progress
     )
-    spec = rec.scheme.weights
+    spec, acts = rec.scheme.weights, rec.scheme.activations
     qconfig = {
         "quant_method": "compensator",
         "format_version": 1,
         "compensator_version": __version__,
         "weights": spec.model_dump(),
+        "activations": None if acts is None else acts.model_dump(),
+        "bits_per_weight": bits_per_weight(net),
         "packing": "int32, little-endian bit stream along the input dimension",
         "modules": report.quantized_layers,
         "base_model": loaded.source,
@@ -212,4 +222,8 @@ def evaluate(
     elif fp is not None or base is not None:
         fp_model = load_model(str(fp or base)).model
     ids = load_eval_windows(tokenizer, data, seqlen, windows)
-    return evaluate_windows(model, ids, fp_model=fp_model, batch_size=batch_size, progress=progress)
+    result = evaluate_windows(
+        model, ids, fp_model=fp_model, batch_size=batch_size, progress=progress
+    )
+    result.bits_per_weight = bits_per_weight(model)
+    return result

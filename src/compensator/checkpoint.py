@@ -31,6 +31,7 @@ from transformers.initialization import no_init_weights
 
 from compensator.errors import CompensatorError
 from compensator.nn.quant_linear import QuantLinear, replace_module
+from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,20 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec = QuantSpec(**qc["weights"])
+    acts = ActSpec(**qc["activations"]) if qc.get("activations") else None
     state = load_file(str(path / WEIGHTS_FILE))
     for name in qc["modules"]:
         linear = model.get_submodule(name)
+        # Low-rank factors are optional per layer: their presence and shape say the rank.
+        lr_a = state.get(f"{name}.lr_a")
         layer = QuantLinear(
-            linear.in_features, linear.out_features, spec, bias=f"{name}.bias" in state
+            linear.in_features,
+            linear.out_features,
+            spec,
+            bias=f"{name}.bias" in state,
+            rank=0 if lr_a is None else lr_a.shape[1],
+            factor_bits=16 if lr_a is None or lr_a.is_floating_point() else 8,
+            act_spec=acts,
         )
         replace_module(model, name, layer)
     missing, unexpected = model.load_state_dict(state, strict=False)

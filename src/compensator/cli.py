@@ -69,6 +69,18 @@ def main(verbose: int, quiet: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+class RankType(click.ParamType):
+    name = "rank"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | float:
+        if isinstance(value, int | float):
+            return value
+        try:
+            return float(value) if "." in str(value) else int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer rank or a fraction like 0.1", param, ctx)
+
+
 def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(
         [
@@ -86,6 +98,18 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric weights."
+            ),
+            click.option(
+                "--rank",
+                type=RankType(),
+                default=None,
+                help="Rank of the recipe's low-rank corrector: an integer, or a fraction like 0.1.",
+            ),
+            click.option(
+                "--act-bits",
+                type=click.IntRange(2, 16),
+                default=None,
+                help="Per-token dynamic activation bits (8 for W4A8; 16 turns it off).",
             ),
         ]
     ):
@@ -137,6 +161,8 @@ def quantize(
         bits=opts["bits"],
         group_size=opts["group_size"],
         symmetric=opts["symmetric"],
+        rank=opts["rank"],
+        act_bits=opts["act_bits"],
         device=opts["device"],
         batch_size=opts["batch_size"],
         progress=not no_progress,
@@ -186,8 +212,10 @@ def eval_cmd(
         return
     fp_ppl = "-" if result.fp_ppl is None else f"{result.fp_ppl:.3f}"
     kl = "-" if result.kl is None else f"{result.kl:.4f}"
+    bpw = "" if result.bits_per_weight is None else f"  bits/weight {result.bits_per_weight:.2f}"
     click.echo(
-        f"ppl {result.ppl:.3f}  fp_ppl {fp_ppl}  kl {kl}  ({result.windows} windows x {result.seqlen})"
+        f"ppl {result.ppl:.3f}  fp_ppl {fp_ppl}  kl {kl}{bpw}  "
+        f"({result.windows} windows x {result.seqlen})"
     )
 
 
@@ -244,6 +272,8 @@ def demo(
         bits=4 if scheme["bits"] is None else scheme["bits"],
         group_size=128 if scheme["group_size"] is None else scheme["group_size"],
         symmetric=scheme["symmetric"],
+        rank=scheme["rank"],
+        act_bits=scheme["act_bits"],
         eval_windows=windows,
         calib_windows=calib_windows,
         progress=not no_progress,

@@ -11,6 +11,7 @@ from compensator.api import quantize
 from compensator.data import load_eval_windows
 from compensator.evaluate import evaluate
 from compensator.models.loading import LoadedModel, load_model
+from compensator.recipes.recipe import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class DemoRow:
     ppl: float
     kl: float | None
     seconds: float | None
+    bits_per_weight: float | None = None
 
 
 def run_demo(
@@ -30,6 +32,8 @@ def run_demo(
     bits: int = 4,
     group_size: int | None = 128,
     symmetric: bool | None = None,
+    rank: int | float | None = None,
+    act_bits: int | None = None,
     eval_windows: int = 16,
     calib_windows: int = 32,
     eval_data: str | None = None,
@@ -51,21 +55,30 @@ def run_demo(
             bits=bits,
             group_size=group_size,
             symmetric=symmetric,
+            rank=rank,
+            act_bits=act_bits,
             inplace=True,
             progress=progress,
         )
         seconds = time.perf_counter() - t0
         result = evaluate(qm.model, windows, fp_model=fp.model, progress=progress)
-        label = f"{name} {qm.quantization_config['weights']['bits']}-bit"
-        rows.append(DemoRow(label, result.ppl, result.kl, seconds))
+        label = (
+            f"{name} {Scheme.model_validate(qm.quantization_config['recipe']['scheme']).label()}"
+        )
+        bpw = qm.quantization_config["bits_per_weight"]
+        rows.append(DemoRow(label, result.ppl, result.kl, seconds, bpw))
         log.info("%s: ppl %.3f, kl %.4f, %.1fs", label, result.ppl, result.kl, seconds)
     return rows
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    lines = ["| model | ppl | KL vs FP | quantize s |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "| model | ppl | KL vs FP | bits/weight | quantize s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         kl = "-" if r.kl is None else f"{r.kl:.4f}"
         sec = "-" if r.seconds is None else f"{r.seconds:.1f}"
-        lines.append(f"| {r.name} | {r.ppl:.2f} | {kl} | {sec} |")
+        bpw = "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}"
+        lines.append(f"| {r.name} | {r.ppl:.2f} | {kl} | {bpw} | {sec} |")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ class EvalResult:
     windows: int
     seqlen: int
     seconds: float
+    bits_per_weight: float | None = None  # stored bits per quantized weight, when quantized
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compensator.correctors.lowrank import LowRank
+from compensator.quant.act import ActSpec, quantize_activations
 from compensator.quant.pack import pack_int32, packed_words, unpack_int32
 from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec, dequantize
 
@@ -19,10 +21,23 @@ class QuantLinear(nn.Module):
     scale dtype, ``qzeros`` [out, words(groups)], and an optional float ``bias``.
     The reference forward dequantizes with the same formula the rounders used, so its
     output equals the fake-quantized model's exactly.
+
+    Optional low-rank correction of rank k (LQER): ``lr_a`` [in, k] and ``lr_b`` [k, out],
+    fp16, or int8 codes with fp16 ``lr_a_scale``/``lr_b_scale`` [k] when ``factor_bits`` is 8;
+    y = x Wq^T + (x A) B. Optional ``act_spec``: the input is quantized dynamically first,
+    and both terms see the quantized input.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        *,
+        bias: bool = False,
+        rank: int = 0,
+        factor_bits: int = 16,
+        act_spec: ActSpec | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -40,14 +55,45 @@ class QuantLinear(nn.Module):
             "qzeros", torch.zeros(out_features, packed_words(groups, spec.bits), dtype=torch.int32)
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.rank, self.factor_bits, self.act_spec = rank, factor_bits, act_spec
+        if rank:
+            fdtype = torch.float16 if factor_bits == 16 else torch.int8
+            self.register_buffer("lr_a", torch.zeros(in_features, rank, dtype=fdtype))
+            self.register_buffer("lr_b", torch.zeros(rank, out_features, dtype=fdtype))
+            if factor_bits != 16:
+                self.register_buffer("lr_a_scale", torch.ones(rank, dtype=torch.float16))
+                self.register_buffer("lr_b_scale", torch.ones(rank, dtype=torch.float16))
+        self.register_buffer("a_cache", None, persistent=False)
+        self.register_buffer("b_cache", None, persistent=False)
         # Unpacking costs far more than the matmul at calibration batch sizes; the cache is not
         # saved and moves with the module.
         self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        *,
+        lowrank: LowRank | None = None,
+        act_spec: ActSpec | None = None,
+    ) -> QuantLinear:
         out_features, in_features = qw.codes.shape
-        layer = cls(in_features, out_features, qw.spec, bias=bias is not None)
+        layer = cls(
+            in_features,
+            out_features,
+            qw.spec,
+            bias=bias is not None,
+            rank=0 if lowrank is None else lowrank.rank,
+            factor_bits=16 if lowrank is None or lowrank.bits is None else lowrank.bits,
+            act_spec=act_spec,
+        )
+        if lowrank is not None:
+            layer.lr_a.copy_(lowrank.a)
+            layer.lr_b.copy_(lowrank.b)
+            if lowrank.bits is not None:
+                layer.lr_a_scale.copy_(lowrank.a_scale)
+                layer.lr_b_scale.copy_(lowrank.b_scale)
         layer.qweight.copy_(pack_int32(qw.codes, qw.spec.bits))
         layer.scales.copy_(qw.params.scale.to(qw.spec.torch_scale_dtype))
         layer.qzeros.copy_(pack_int32(qw.params.zero.round().long(), qw.spec.bits))
@@ -64,34 +110,76 @@ class QuantLinear(nn.Module):
         qw = self.quantized_weight()
         return dequantize(qw.codes, qw.params, qw.spec)
 
+    def lowrank(self) -> LowRank | None:
+        if not self.rank:
+            return None
+        if self.factor_bits == 16:
+            return LowRank(self.lr_a, self.lr_b)
+        return LowRank(self.lr_a, self.lr_b, self.factor_bits, self.lr_a_scale, self.lr_b_scale)
+
+    def effective_weight(self) -> torch.Tensor:
+        """Wq plus the low-rank correction, as one [out, in] matrix (for analysis)."""
+        lr = self.lowrank()
+        w = self.dequantize_weight()
+        return w if lr is None else w + lr.dense()
+
+    def storage_bits(self) -> int:
+        """Bits this layer stores for its weight: codes, scales, zeros and low-rank factors."""
+        groups = self.scales.shape[1]
+        zero_bits = 0 if self.spec.symmetric else self.spec.bits
+        bits = self.out_features * (
+            self.in_features * self.spec.bits
+            + groups * (self.scales.element_size() * 8 + zero_bits)
+        )
+        lr = self.lowrank()
+        return bits + (0 if lr is None else lr.storage_bits())
+
     @property
     def weight(self) -> torch.Tensor:
         # Code that inspects ``layer.weight`` (dtype/device probes, tied-weight checks) keeps working.
         return self.weight_cache if self.weight_cache is not None else self.dequantize_weight()
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
-        # model.half()/.to(bfloat16) must not round the scales: they keep the spec's dtype.
-        scales = self.scales
+        # model.half()/.to(bfloat16) must not change what is stored (scales in the spec's dtype,
+        # fp16 factors): only the device follows.
+        kept = {n: b for n, b in self._buffers.items() if n in _STORED_DTYPE and b is not None}
         super()._apply(fn, recurse)
-        self.scales = scales.to(device=self.scales.device)
-        self.weight_cache = None
+        for name, old in kept.items():
+            self._buffers[name] = old.to(device=self._buffers[name].device)
+        self.weight_cache = self.a_cache = self.b_cache = None
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.weight_cache = None
+        self.weight_cache = self.a_cache = self.b_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_spec is not None:
+            x = quantize_activations(x, self.act_spec)
         if self.weight_cache is None:
             self.weight_cache = self.dequantize_weight()
         w = self.weight_cache.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        y = F.linear(x, w, bias)
+        if self.rank:
+            if self.a_cache is None:
+                self.a_cache, self.b_cache = self.lowrank().factors()
+            y = y + (x @ self.a_cache.to(x.dtype)) @ self.b_cache.to(x.dtype)
+        return y
 
     def extra_repr(self) -> str:
+        extra = f", rank={self.rank}" if self.rank else ""
+        if self.rank and self.factor_bits != 16:
+            extra += f" (int{self.factor_bits})"
+        if self.act_spec is not None:
+            extra += f", {self.act_spec.label()}"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label()}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{self.spec.label()}{extra}"
         )
+
+
+_STORED_DTYPE = {"scales", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale"}
 
 
 def replace_module(root: nn.Module, dotted_name: str, new: nn.Module) -> None:
@@ -99,3 +187,14 @@ def replace_module(root: nn.Module, dotted_name: str, new: nn.Module) -> None:
     parent_name, _, child = dotted_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def bits_per_weight(model: nn.Module) -> float | None:
+    """Stored bits per quantized weight over all ``QuantLinear`` layers, counting codes,
+    scales, zero points and low-rank factors (None when there is no QuantLinear)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return None
+    return sum(m.storage_bits() for m in layers) / sum(
+        m.in_features * m.out_features for m in layers
+    )

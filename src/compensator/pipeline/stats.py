@@ -47,6 +47,7 @@ class FPCross(Statistic):
     from the quantized model's, correlated with the latter (GPTAQ's asymmetric term)."""
 
     needs_fp = True
+    bfloat16: ClassVar[bool] = False
 
     def __init__(self, d_in: int, device: torch.device) -> None:
         super().__init__(d_in, device)
@@ -57,14 +58,45 @@ class FPCross(Statistic):
             raise ValueError("the fp_cross statistic needs the FP stream")
         x = x.reshape(-1, x.shape[-1]).float()
         dx = x_fp.reshape(-1, x_fp.shape[-1]).to(x) - x
-        self.sum.addmm_(dx.T, x)
+        if self.bfloat16:
+            self.sum += (dx.T.bfloat16() @ x.bfloat16()).float()
+        else:
+            self.sum.addmm_(dx.T, x)
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
 
 
-STATISTICS: dict[str, type[Statistic]] = {"hessian": Hessian, "fp_cross": FPCross}
+class FPCrossBF16(FPCross):
+    """D with each batch's product in bfloat16, summed in float32: 3x faster where the CPU
+    has AMX/AVX512-BF16, at ~0.4% relative error per batch product."""
+
+    bfloat16 = True
+
+
+class AbsMean(Statistic):
+    """Per-feature mean |x| over each batch's tokens, the maximum over batches (L2QER's s)."""
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        super().__init__(d_in, device)
+        self.max = torch.zeros(d_in, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        torch.maximum(self.max, x.abs().float().mean(dim=0), out=self.max)
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.max.clone()
+
+
+STATISTICS: dict[str, type[Statistic]] = {
+    "hessian": Hessian,
+    "fp_cross": FPCross,
+    "fp_cross_bf16": FPCrossBF16,
+    "abs_mean": AbsMean,
+}
 
 
 @dataclass
@@ -78,7 +110,11 @@ class LinearStats:
 
     @property
     def fp_cross(self) -> torch.Tensor | None:
-        return self.values.get("fp_cross")
+        return self.values.get("fp_cross", self.values.get("fp_cross_bf16"))
+
+    @property
+    def abs_mean(self) -> torch.Tensor | None:
+        return self.values.get("abs_mean")
 
 
 class StatsAccumulator:

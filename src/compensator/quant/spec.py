@@ -196,3 +196,11 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.params, self.spec)
+
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        p = self.params
+        return QuantizedWeight(
+            self.codes[start:stop],
+            QuantParams(p.scale[start:stop], p.zero[start:stop]),
+            self.spec,
+        )

@@ -18,8 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from compensator.errors import CompensatorError
+from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
-from compensator.steps import STEPS, StepConfig
+from compensator.steps import STEPS, CorrectorStep, StepConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -28,7 +29,14 @@ class Scheme(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weights: QuantSpec = QuantSpec()
-    activations: None = None  # reserved for activation quantization (W4A8, W4A4)
+    activations: ActSpec | None = None  # dynamic quantization of Linear inputs (W4A8)
+
+    def label(self) -> str:
+        """E.g. ``W4A8 g128``, ``W3A16 per-channel sym``."""
+        w = self.weights
+        acts = "A16" if self.activations is None else self.activations.label()
+        groups = "per-channel" if w.group_size is None else f"g{w.group_size}"
+        return f"W{w.bits}{acts} {groups}{' sym' if w.symmetric else ''}"
 
 
 class Recipe(BaseModel):
@@ -51,11 +59,53 @@ class Recipe(BaseModel):
         rounders = [s.name for s in self.steps if s.kind == "rounder"]
         if len(rounders) != 1:
             raise ValueError(f"a recipe needs exactly one rounder step, got {rounders or 'none'}")
+        correctors = [s.name for s in self.steps if s.kind == "corrector"]
+        if len(correctors) > 1:
+            raise ValueError(f"a recipe takes at most one corrector step for now, got {correctors}")
         return self
 
     @property
     def rounder(self) -> StepConfig:
         return next(s for s in self.steps if s.kind == "rounder")
+
+    @property
+    def correctors(self) -> list[CorrectorStep]:
+        return [s for s in self.steps if isinstance(s, CorrectorStep)]
+
+    def with_rank(self, rank: int | float | None) -> Recipe:
+        """The same recipe with the corrector's rank replaced (None: unchanged)."""
+        if rank is None:
+            return self
+        if not self.correctors:
+            raise CompensatorError(
+                f"--rank needs a recipe with a low-rank corrector step (e.g. gptq-l2qer); "
+                f"{self.name or 'this recipe'} has none"
+            )
+        steps = []
+        for s in self.steps:
+            if isinstance(s, CorrectorStep):
+                try:
+                    s = type(s).model_validate({**s.model_dump(), "rank": rank})
+                except ValidationError as e:
+                    raise CompensatorError(f"invalid --rank: {_first_error(e)}") from None
+            steps.append(s)
+        return self.model_copy(update={"steps": steps})
+
+    def with_act_bits(self, bits: int | None) -> Recipe:
+        """The same recipe with per-token dynamic ``bits``-bit activations (None: unchanged)."""
+        if bits is None:
+            return self
+        if bits >= 16:
+            acts = None
+        else:
+            try:
+                base = self.scheme.activations or ActSpec()
+                acts = ActSpec(**{**base.model_dump(), "bits": bits})
+            except ValidationError as e:
+                raise CompensatorError(f"invalid --act-bits: {_first_error(e)}") from None
+        return self.model_copy(
+            update={"scheme": self.scheme.model_copy(update={"activations": acts})}
+        )
 
     def with_weights(self, **overrides: Any) -> Recipe:
         """The same recipe with some weight-scheme fields replaced (None values are ignored)."""
@@ -74,7 +124,12 @@ class Recipe(BaseModel):
         return {
             "name": self.name,
             "description": self.description,
-            "scheme": {"weights": self.scheme.weights.model_dump()},
+            "scheme": {
+                "weights": self.scheme.weights.model_dump(),
+                "activations": None
+                if self.scheme.activations is None
+                else self.scheme.activations.model_dump(),
+            },
             "steps": [{s.name: s.model_dump()} for s in self.steps],
         }
 

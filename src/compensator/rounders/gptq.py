@@ -225,14 +225,15 @@ def gptq(
                 codes[:, i1 + i] = q
                 deq = dequantize_codes(q, s, z).to(dtype)
                 e = (col - deq) / u1[i, i]
-                w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+                # In-place rank-1 updates: these loops are bound by per-op overhead.
+                w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1)
                 err1[:, i] = e
                 if extras:
                     if share_p is not None:
-                        w1[:, i + 1 :] += col[:, None] * share_p[i1 + i, i1 + i + 1 : i2][None, :]
+                        w1[:, i + 1 :].addr_(col, share_p[i1 + i, i1 + i + 1 : i2])
                     if share_r is not None and w0 is not None:
                         drift = w0[:, i1 + i] - col
-                        w1[:, i + 1 :] += drift[:, None] * share_r[i1 + i, i1 + i + 1 : i2][None, :]
+                        w1[:, i + 1 :].addr_(drift, share_r[i1 + i, i1 + i + 1 : i2])
                     src1[:, i] = _lazy_value(col, deq, s, z, spec, lazy_source)
         if i2 < cols:
             wd[:, i2:] += pending(err1, src1, i1, i2 - i1, slice(i2, cols))

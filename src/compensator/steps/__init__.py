@@ -1,6 +1,12 @@
 """Recipe steps; importing this package registers every built-in step."""
 
-from compensator.steps import gptq, rtn  # noqa: F401  (registration side effect)
-from compensator.steps.base import STEPS, RounderStep, StepConfig, register_step
+from compensator.steps import gptq, lqer, rtn  # noqa: F401  (registration side effect)
+from compensator.steps.base import (
+    STEPS,
+    CorrectorStep,
+    RounderStep,
+    StepConfig,
+    register_step,
+)
 
-__all__ = ["STEPS", "RounderStep", "StepConfig", "register_step"]
+__all__ = ["STEPS", "CorrectorStep", "RounderStep", "StepConfig", "register_step"]

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from compensator.correctors.lowrank import LowRank
     from compensator.pipeline.stats import LinearStats
     from compensator.quant.spec import QuantizedWeight, QuantSpec
 
@@ -41,13 +42,32 @@ class StepConfig(BaseModel):
         """Whether the FP model's inputs to each block must be propagated alongside."""
         return False
 
+    def fp_stream_low_precision(self) -> bool:
+        """Whether the FP stream may be computed under bfloat16 autocast."""
+        return False
+
 
 class RounderStep(StepConfig):
     kind: ClassVar[StepKind] = "rounder"
+    # Rows (output channels) are rounded independently given the input statistics, so
+    # Linears fed the same input (q/k/v, gate/up) can be rounded as one stacked matrix:
+    # the same result, with one pass over the columns instead of one per Linear.
+    rows_independent: ClassVar[bool] = True
 
     def round(
         self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
     ) -> QuantizedWeight:
+        raise NotImplementedError
+
+
+class CorrectorStep(StepConfig):
+    kind: ClassVar[StepKind] = "corrector"
+
+    def correct(
+        self, weight: torch.Tensor, rounded: torch.Tensor, stats: LinearStats | None
+    ) -> LowRank | None:
+        """Full-precision terms that repair ``rounded`` (the dequantized weight the layer
+        will use) towards ``weight`` (the original FP weight); None when there is nothing."""
         raise NotImplementedError
 
 

@@ -34,6 +34,10 @@ class GPTQStep(RounderStep):
     compensation_aware: bool = False
     beta: float = Field(0.25, ge=0, le=4, description="scale of the compensation-aware term")
     lazy_source: LazySource = "current"
+    fp_precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="precision of the FP stream's forward and of D's matrix product",
+    )
 
     @property
     def effective_alpha(self) -> float:
@@ -44,10 +48,15 @@ class GPTQStep(RounderStep):
         return 0.5 if self.asymmetric_form == "exact" else 0.25
 
     def stats(self) -> set[str]:
-        return {"hessian", "fp_cross"} if self.asymmetric else {"hessian"}
+        if not self.asymmetric:
+            return {"hessian"}
+        return {"hessian", "fp_cross_bf16" if self.fp_precision == "bfloat16" else "fp_cross"}
 
     def needs_fp_stream(self) -> bool:
         return self.asymmetric
+
+    def fp_stream_low_precision(self) -> bool:
+        return self.fp_precision == "bfloat16"
 
     def round(
         self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec

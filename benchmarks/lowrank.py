@@ -1,0 +1,189 @@
+"""LQER / L2QER on SmolLM2-135M (DESIGN quick protocol): ppl, KL and stored bits per weight.
+
+    export COMPENSATOR_DATA=../shared/data
+    python benchmarks/lowrank.py --name lowrank                     # everything (~45 min, 2 cores)
+    python benchmarks/lowrank.py --schemes "W3A16 g128" --ranks 32 --methods gptq-l2qer
+
+For each scheme: the plain rounders (rtn, gptq) as reference points, then every low-rank
+preset at every rank. Everything runs in this process (the checkpoint round trip is a unit
+test); the results are rewritten after every row, so an interrupted run keeps what it did.
+Writes benchmarks/results/NAME.{json,md} and NAME.png (ppl against bits per weight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# scheme label -> (weight bits, group size, activation bits or None)
+SCHEMES = {
+    "W4A16 g128": (4, 128, None),
+    "W3A16 g128": (3, 128, None),
+    "W4A8 g128": (4, 128, 8),
+}
+
+
+def run_row(
+    fp: Any, windows: torch.Tensor, cal: torch.Tensor, method: str, scheme: str, rank: int | None
+) -> dict[str, Any]:
+    import compensator as cp
+    from compensator.evaluate import evaluate
+    from compensator.models.loading import LoadedModel
+
+    bits, gs, act_bits = SCHEMES[scheme]
+    t0 = time.perf_counter()
+    qm = cp.quantize(
+        LoadedModel(copy.deepcopy(fp.model), fp.tokenizer, fp.source),
+        method,
+        calibration=cal,
+        bits=bits,
+        group_size=gs,
+        rank=rank,
+        act_bits=act_bits,
+        inplace=True,
+        progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    res = evaluate(qm.model, windows, fp_model=fp.model, progress=False)
+    return {
+        "method": method,
+        "scheme": scheme,
+        "rank": rank,
+        "ppl": res.ppl,
+        "kl": res.kl,
+        "bits_per_weight": qm.quantization_config["bits_per_weight"],
+        "seconds": seconds,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p = result["protocol"]
+    lines = [
+        f"# {p['model']}: low-rank error reconstruction (LQER / L2QER)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Eval: {p['eval']}, {p['eval_windows']} windows; calibration: {p['calibration']}; "
+        f"{p['threads']} CPU threads. FP ppl {p['fp_ppl']:.2f}. Bits per weight count the "
+        "codes, the fp16 scales and zero points of every group, and the fp16 factors A and B.",
+        "",
+        "| method | scheme | rank | ppl | KL | bits/weight | quantize s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| FP | - | - | {p['fp_ppl']:.2f} | 0 | 32 | |",
+    ]
+    for r in result["rows"]:
+        rank = "-" if r["rank"] is None else r["rank"]
+        lines.append(
+            f"| {r['method']} | {r['scheme']} | {rank} | {r['ppl']:.2f} | {r['kl']:.4f} "
+            f"| {r['bits_per_weight']:.2f} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        series.setdefault((r["method"], r["scheme"]), []).append(r)
+    markers = {"W4A16 g128": "o", "W3A16 g128": "s", "W4A8 g128": "^"}
+    for (method, scheme), rows in series.items():
+        rows = sorted(rows, key=lambda r: r["bits_per_weight"])
+        xs = [r["bits_per_weight"] for r in rows]
+        ys = [r["ppl"] for r in rows]
+        if rows[0]["rank"] is None:  # a plain rounder: one reference point
+            ax.scatter(xs, ys, marker=markers[scheme], s=70, c="black", zorder=3)
+            ax.annotate(f"{method} {scheme}", (xs[0], ys[0]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=7)  # fmt: skip
+        else:
+            ax.plot(xs, ys, marker=markers[scheme], label=f"{method} {scheme}")
+    ax.axhline(result["protocol"]["fp_ppl"], color="grey", ls="--", lw=1, label="FP")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (codes + scales/zeros + low-rank factors)")
+    ax.set_ylabel("WikiText-2 ppl (log scale)")
+    ax.set_title(f"{result['protocol']['model']}: ranks {result['ranks']}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="rtn-lqer,rtn-l2qer,gptq-l2qer")
+    ap.add_argument("--references", default="rtn,gptq", help="plain rounders per scheme")
+    ap.add_argument("--ranks", default="8,16,32,64")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="lowrank", help="results file stem")
+    args = ap.parse_args()
+
+    from compensator.data import load_calibration_windows, load_eval_windows
+    from compensator.evaluate import evaluate
+    from compensator.models.loading import load_model
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    fp = load_model(args.model)
+    windows = load_eval_windows(fp.tokenizer, "wikitext2", 512, args.eval_windows or None)
+    cal = load_calibration_windows(fp.tokenizer, args.calib, args.calib_windows, 512, 0)
+    fp_ppl = evaluate(fp.model, windows, progress=False).ppl
+    print(f"FP ppl {fp_ppl:.3f} on {windows.shape[0]} windows", flush=True)
+    ranks = [int(r) for r in args.ranks.split(",") if r]
+    result: dict[str, Any] = {
+        "protocol": {
+            "model": args.model,
+            "eval": "wikitext2 test, 512-token windows",
+            "eval_windows": int(windows.shape[0]),
+            "calibration": f"{args.calib}, {args.calib_windows} x 512, seed 0",
+            "threads": args.threads,
+            "fp_ppl": fp_ppl,
+        },
+        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+        "command": " ".join(["python", "benchmarks/lowrank.py", *sys.argv[1:]]),
+        "ranks": ranks,
+        "rows": [],
+    }
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    jobs = [
+        (method, scheme, rank)
+        for scheme in args.schemes.split(",")
+        for method, rank_list in [
+            *[(m, [None]) for m in args.references.split(",") if m],
+            *[(m, ranks) for m in args.methods.split(",") if m],
+        ]
+        for rank in rank_list
+    ]
+    for method, scheme, rank in jobs:
+        row = run_row(fp, windows, cal, method, scheme, rank)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{args.name}.md").write_text(markdown(result))
+    plot(result, out / f"{args.name}.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

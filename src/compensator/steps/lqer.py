@@ -1,0 +1,52 @@
+"""The LQER / L2QER corrector step: low-rank reconstruction of the rounding error."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from compensator.correctors.lowrank import LowRank, l2qer_scale, lqer, resolve_rank
+from compensator.pipeline.stats import LinearStats
+from compensator.steps.base import CorrectorStep, register_step
+
+
+@register_step
+class LQERStep(CorrectorStep):
+    """y = x Wq^T + (x A) B with A B the rank-k SVD of the error; ``scale: l2`` weights input
+    features by their calibration mean |x| (L2QER), ``none`` is plain LQER."""
+
+    name: ClassVar[str] = "lqer"
+    rank: int | float = Field(
+        32, description="rank k, or a fraction in (0, 1) of min(out, in) features"
+    )
+    scale: Literal["l2", "none"] = "l2"
+    factor_bits: Literal[8, 16] = Field(
+        16, description="16: fp16 factors; 8: int8 codes with an fp16 scale per rank component"
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _valid_rank(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"a fractional rank must be in (0, 1], got {v}")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"rank must be >= 0, got {v}")
+        return v
+
+    def stats(self) -> set[str]:
+        return {"abs_mean"} if self.scale == "l2" else set()
+
+    def correct(
+        self, weight: torch.Tensor, rounded: torch.Tensor, stats: LinearStats | None
+    ) -> LowRank | None:
+        k = resolve_rank(self.rank, *weight.shape)
+        s = None
+        if self.scale == "l2":
+            assert stats is not None and stats.abs_mean is not None
+            s = l2qer_scale(stats.abs_mean)
+        lr = lqer(weight, rounded, k, s)
+        if lr is None or self.factor_bits == 16:
+            return lr
+        return lr.quantized(self.factor_bits)
