@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -164,6 +165,12 @@ def gptq(
         share_r = beta * future_share(c, u)
     w0 = wd.clone() if share_r is not None else None
     extras = share_p is not None or share_r is not None
+    folded = None
+    if extras and lazy_source == "current":
+        folded = _FoldedTerms.fold(wd, u, share_p, share_r)
+        wd, u = folded.start, folded.update
+        share_p = share_r = w0 = None
+        extras = False
 
     n_groups = spec.n_groups(cols)
     if group_params == "static":
@@ -206,6 +213,12 @@ def gptq(
         with _single_thread(wd.device):
             for i in range(i2 - i1):
                 g = group_list[i1 + i]
+                if not fitted[g] and folded is not None:
+                    members = pos_of[g * gs : min((g + 1) * gs, cols)]
+                    current = folded.values_before(i1 + i, members)
+                    s, z = fit_group(current, spec, clip_search=clip_search)
+                    scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+                    fitted[g] = True
                 if not fitted[g]:
                     members = pos_of[g * gs : min((g + 1) * gs, cols)]
                     current = torch.empty(rows, len(members), dtype=dtype, device=wd.device)
@@ -228,6 +241,8 @@ def gptq(
                 # In-place rank-1 updates: these loops are bound by per-op overhead.
                 w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1)
                 err1[:, i] = e
+                if folded is not None:
+                    folded.record(i1 + i, e, col)
                 if extras:
                     if share_p is not None:
                         w1[:, i + 1 :].addr_(col, share_p[i1 + i, i1 + i + 1 : i2])
@@ -241,6 +256,65 @@ def gptq(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(codes.to(torch.uint8), QuantParams(scale.float(), zero.float()), spec)
+
+
+@dataclass
+class _FoldedTerms:
+    """GPTAQ's P and ResComp's R terms folded into GPTQ's own recursion.
+
+    With the pre-rounding values as lazy source, column q's value when it is rounded is
+    linear in the start W0 and the earlier errors e_p:  C = W0 - E U_s + C P_s + (W0 - C) R_s
+    (``_s``: strictly upper parts), so C = W0 (I + R_s) T - E U_s T with
+    T = (I - P_s + R_s)^-1. That is plain GPTQ started from W0 (I + R_s) T with U_s T as its
+    update matrix: the per-column cost of both terms disappears, for one triangular solve
+    per layer. Values of columns not yet rounded differ from the unfolded algorithm's in
+    between, so group ranges are fitted from the unfolded values, rebuilt from the recorded
+    errors and column values.
+    """
+
+    start: torch.Tensor
+    update: torch.Tensor
+    w0: torch.Tensor
+    u: torch.Tensor
+    share_p: torch.Tensor | None
+    share_r: torch.Tensor | None
+    errors: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def fold(
+        cls,
+        w0: torch.Tensor,
+        u: torch.Tensor,
+        share_p: torch.Tensor | None,
+        share_r: torch.Tensor | None,
+    ) -> _FoldedTerms:
+        eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        a = eye.clone()
+        start = w0
+        if share_p is not None:
+            a -= torch.triu(share_p, 1)
+        if share_r is not None:
+            a += torch.triu(share_r, 1)
+            start = w0 + w0 @ torch.triu(share_r, 1)
+        t = torch.linalg.solve_triangular(a, eye, upper=True, unitriangular=True)
+        update = torch.triu(u, 1) @ t + torch.diag(torch.diag(u))
+        return cls(
+            start @ t, update, w0, u, share_p, share_r, torch.zeros_like(w0), torch.zeros_like(w0)
+        )
+
+    def record(self, q: int, e: torch.Tensor, value: torch.Tensor) -> None:
+        self.errors[:, q] = e
+        self.values[:, q] = value
+
+    def values_before(self, k: int, members: torch.Tensor) -> torch.Tensor:
+        """The unfolded algorithm's values of columns ``members`` once columns < k are done."""
+        cur = self.w0[:, members] - self.errors[:, :k] @ self.u[:k, members]
+        if self.share_p is not None:
+            cur += self.values[:, :k] @ self.share_p[:k, members]
+        if self.share_r is not None:
+            cur += (self.w0[:, :k] - self.values[:, :k]) @ self.share_r[:k, members]
+        return cur
 
 
 def _lazy_value(
