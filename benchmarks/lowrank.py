@@ -1,7 +1,8 @@
 """LQER / L2QER on SmolLM2-135M (DESIGN quick protocol): ppl, KL and stored bits per weight.
 
     export COMPENSATOR_DATA=../shared/data
-    python benchmarks/lowrank.py --name lowrank                     # everything (~45 min, 2 cores)
+    python benchmarks/lowrank.py --name lowrank                     # everything (~50 min, 2 cores)
+    python benchmarks/lowrank.py --name lowrank --resume            # after an interruption
     python benchmarks/lowrank.py --schemes "W3A16 g128" --ranks 32 --methods gptq-l2qer
 
 For each scheme: the plain rounders (rtn, gptq) as reference points, then every low-rank
@@ -136,6 +137,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="lowrank", help="results file stem")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the rows already in NAME.json, run the rest"
+    )
     args = ap.parse_args()
 
     from compensator.data import load_calibration_windows, load_eval_windows
@@ -166,6 +170,11 @@ def main() -> None:
     }
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    done: set[tuple[str, str, int | None]] = set()
+    if args.resume and (out / f"{args.name}.json").is_file():
+        previous = json.loads((out / f"{args.name}.json").read_text())
+        result["rows"] = previous["rows"]
+        done = {(r["method"], r["scheme"], r["rank"]) for r in previous["rows"]}
     jobs = [
         (method, scheme, rank)
         for scheme in args.schemes.split(",")
@@ -176,6 +185,8 @@ def main() -> None:
         for rank in rank_list
     ]
     for method, scheme, rank in jobs:
+        if (method, scheme, rank) in done:
+            continue
         row = run_row(fp, windows, cal, method, scheme, rank)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)

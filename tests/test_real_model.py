@@ -57,7 +57,7 @@ def _quantize(
 def w3(smol: LoadedModel, calib: torch.Tensor, windows: torch.Tensor) -> dict[str, float]:
     fp = evaluate(smol.model, windows, progress=False).ppl
     out = {"fp": fp}
-    for recipe in ("rtn", "gptq", "gptaq"):
+    for recipe in ("rtn", "gptq", "gptaq", "rtn-lqer", "rtn-l2qer", "gptq-l2qer"):
         qm = _quantize(smol, calib, recipe, bits=3, group_size=128)
         out[recipe] = evaluate(qm.model, windows, progress=False).ppl
     return out
@@ -74,6 +74,12 @@ def test_gptq_beats_rtn_at_3_bits(w3: dict[str, float]) -> None:
 
 def test_gptaq_beats_gptq_at_3_bits(w3: dict[str, float]) -> None:
     assert w3["gptaq"] < w3["gptq"], w3
+
+
+def test_low_rank_correction_orderings_at_3_bits(w3: dict[str, float]) -> None:
+    # Rank 32: the correction repairs a large part of the error, L2QER's weighting more so.
+    assert w3["rtn-l2qer"] < w3["rtn-lqer"] < w3["rtn"], w3
+    assert w3["gptq-l2qer"] < w3["gptq"], w3
 
 
 def test_real_checkpoint_round_trip(smol: LoadedModel, calib: torch.Tensor, tmp_path: Path) -> None:
