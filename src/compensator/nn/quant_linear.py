@@ -117,12 +117,6 @@ class QuantLinear(nn.Module):
             return LowRank(self.lr_a, self.lr_b)
         return LowRank(self.lr_a, self.lr_b, self.factor_bits, self.lr_a_scale, self.lr_b_scale)
 
-    def effective_weight(self) -> torch.Tensor:
-        """Wq plus the low-rank correction, as one [out, in] matrix (for analysis)."""
-        lr = self.lowrank()
-        w = self.dequantize_weight()
-        return w if lr is None else w + lr.dense()
-
     def storage_bits(self) -> int:
         """Bits this layer stores for its weight: codes, scales, zeros and low-rank factors."""
         groups = self.scales.shape[1]
