@@ -14,18 +14,13 @@ Writes benchmarks/results/NAME.{json,md} and NAME.png (ppl against bits per weig
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import logging
-import platform
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import common
+from common import Bench
 
-HERE = Path(__file__).resolve().parent
 # scheme label -> (weight bits, group size, activation bits or None)
 SCHEMES = {
     "W4A16 g128": (4, 128, None),
@@ -34,37 +29,10 @@ SCHEMES = {
 }
 
 
-def run_row(
-    fp: Any, windows: torch.Tensor, cal: torch.Tensor, method: str, scheme: str, rank: int | None
-) -> dict[str, Any]:
-    import compensator as cp
-    from compensator.evaluate import evaluate
-    from compensator.models.loading import LoadedModel
-
+def run_row(bench: Bench, method: str, scheme: str, rank: int | None) -> dict[str, Any]:
     bits, gs, act_bits = SCHEMES[scheme]
-    t0 = time.perf_counter()
-    qm = cp.quantize(
-        LoadedModel(copy.deepcopy(fp.model), fp.tokenizer, fp.source),
-        method,
-        calibration=cal,
-        bits=bits,
-        group_size=gs,
-        rank=rank,
-        act_bits=act_bits,
-        inplace=True,
-        progress=False,
-    )
-    seconds = time.perf_counter() - t0
-    res = evaluate(qm.model, windows, fp_model=fp.model, progress=False)
-    return {
-        "method": method,
-        "scheme": scheme,
-        "rank": rank,
-        "ppl": res.ppl,
-        "kl": res.kl,
-        "bits_per_weight": qm.quantization_config["bits_per_weight"],
-        "seconds": seconds,
-    }
+    row = common.run_row(bench, method, bits=bits, group_size=gs, rank=rank, act_bits=act_bits)
+    return {"method": method, "scheme": scheme, "rank": rank, **row}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -142,39 +110,13 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from compensator.data import load_calibration_windows, load_eval_windows
-    from compensator.evaluate import evaluate
-    from compensator.models.loading import load_model
-
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    fp = load_model(args.model)
-    windows = load_eval_windows(fp.tokenizer, "wikitext2", 512, args.eval_windows or None)
-    cal = load_calibration_windows(fp.tokenizer, args.calib, args.calib_windows, 512, 0)
-    fp_ppl = evaluate(fp.model, windows, progress=False).ppl
-    print(f"FP ppl {fp_ppl:.3f} on {windows.shape[0]} windows", flush=True)
+    bench = common.setup(
+        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
+    )
     ranks = [int(r) for r in args.ranks.split(",") if r]
-    result: dict[str, Any] = {
-        "protocol": {
-            "model": args.model,
-            "eval": "wikitext2 test, 512-token windows",
-            "eval_windows": int(windows.shape[0]),
-            "calibration": f"{args.calib}, {args.calib_windows} x 512, seed 0",
-            "threads": args.threads,
-            "fp_ppl": fp_ppl,
-        },
-        "machine": {"python": platform.python_version(), "torch": torch.__version__},
-        "command": " ".join(["python", "benchmarks/lowrank.py", *sys.argv[1:]]),
-        "ranks": ranks,
-        "rows": [],
-    }
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    done: set[tuple[str, str, int | None]] = set()
-    if args.resume and (out / f"{args.name}.json").is_file():
-        previous = json.loads((out / f"{args.name}.json").read_text())
-        result["rows"] = previous["rows"]
-        done = {(r["method"], r["scheme"], r["rank"]) for r in previous["rows"]}
+    result = common.new_result(bench, "lowrank.py", ranks=ranks)
+    result["rows"] = common.previous_rows(args.name, args.resume)
+    done = {(r["method"], r["scheme"], r["rank"]) for r in result["rows"]}
     jobs = [
         (method, scheme, rank)
         for scheme in args.schemes.split(",")
@@ -187,12 +129,11 @@ def main() -> None:
     for method, scheme, rank in jobs:
         if (method, scheme, rank) in done:
             continue
-        row = run_row(fp, windows, cal, method, scheme, rank)
+        row = run_row(bench, method, scheme, rank)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-        (out / f"{args.name}.md").write_text(markdown(result))
-    plot(result, out / f"{args.name}.png")
+        common.write(args.name, result, markdown(result))
+    plot(result, common.RESULTS / f"{args.name}.png")
     print(markdown(result))
 
 

@@ -76,9 +76,9 @@ def test_rank_zero_and_rank_resolution() -> None:
     w, wq = _error_case()
     assert lqer(w, wq, 0) is None
     assert resolve_rank(32, 576, 1536) == 32
-    assert resolve_rank(0.1, 576, 1536) == 58
+    assert resolve_rank(0.1, 576, 1536) == 42  # 0.1 * 576 * 1536 / 2112
     assert resolve_rank(5000, 64, 96) == 64
-    assert resolve_rank(1.0, 64, 96) == 64
+    assert resolve_rank(1.0, 64, 96) == 38
 
 
 def test_l2qer_scale_normalisation() -> None:
@@ -192,7 +192,8 @@ def test_checkpoint_round_trip_with_factors_and_w4a8(tmp_path: Path) -> None:
     recipe = _recipe("gptq", rank=0.25, factor_bits=8).with_act_bits(8)
     qm = cp.quantize(tiny_llama(), recipe, tokenizer=object(), calibration=ids, progress=False)
     layers = [m for m in qm.model.modules() if isinstance(m, QuantLinear)]
-    assert all(m.rank == round(0.25 * min(m.out_features, m.in_features)) for m in layers)
+    assert all(m.rank == resolve_rank(0.25, m.out_features, m.in_features) for m in layers)
+    assert {m.rank for m in layers} == {5, 8, 10}  # e.g. 0.25 * 64 * 96 / 160 = 9.6
     assert all(m.act_spec == ActSpec(bits=8) for m in layers)
     qm.tokenizer = None
     path = cp.save(qm, tmp_path / "ckpt")

@@ -97,3 +97,26 @@ def test_real_checkpoint_round_trip(smol: LoadedModel, calib: torch.Tensor, tmp_
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["windows"] == 1 and result["seqlen"] == 512
     assert result["kl"] > 0 and result["fp_ppl"] < result["ppl"] * 1.2
+
+
+@pytest.fixture(scope="module")
+def w4a4(smol: LoadedModel, calib: torch.Tensor, windows: torch.Tensor) -> dict[str, float]:
+    out = {}
+    for recipe in ("quarot-rtn", "quarot-gptq", "quarot-gptq-lrc"):
+        qm = _quantize(smol, calib, recipe)
+        out[recipe] = evaluate(qm.model, windows, progress=False).ppl
+    rotated = cp.load_recipe("quarot-rtn")
+    unrotated = rotated.model_copy(update={"steps": [rotated.rounder]})  # same W4A4 scheme
+    plain = _quantize(smol, calib, unrotated)
+    out["rtn"] = evaluate(plain.model, windows, progress=False).ppl
+    return out
+
+
+def test_rotation_rescues_4_bit_activations(w4a4: dict[str, float]) -> None:
+    # Without rotation, int4 activations of SmolLM2's outlier features destroy the model.
+    assert w4a4["quarot-rtn"] < 0.1 * w4a4["rtn"], w4a4
+    assert w4a4["quarot-gptq"] < w4a4["quarot-rtn"], w4a4
+
+
+def test_lrc_improves_rotated_gptq_at_w4a4(w4a4: dict[str, float]) -> None:
+    assert w4a4["quarot-gptq-lrc"] < 0.9 * w4a4["quarot-gptq"], w4a4

@@ -150,6 +150,7 @@ def quantize(
         "compensator_version": __version__,
         "weights": spec.model_dump(),
         "activations": None if acts is None else acts.model_dump(),
+        "lowrank_input": rec.lowrank_input,
         "bits_per_weight": bits_per_weight(net),
         "packing": "int32, little-endian bit stream along the input dimension",
         "modules": report.quantized_layers,

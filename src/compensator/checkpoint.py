@@ -175,8 +175,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     state = load_file(str(path / WEIGHTS_FILE))
     for name in qc["modules"]:
         linear = model.get_submodule(name)
-        # Low-rank factors are optional per layer: their presence and shape say the rank.
+        # Low-rank factors and an online rotation are optional per layer: their presence and
+        # shapes say the rank and the rotation's factor sizes.
         lr_a = state.get(f"{name}.lr_a")
+        rot = state.get(f"{name}.rot_left"), state.get(f"{name}.rot_right")
         layer = QuantLinear(
             linear.in_features,
             linear.out_features,
@@ -185,6 +187,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             rank=0 if lr_a is None else lr_a.shape[1],
             factor_bits=16 if lr_a is None or lr_a.is_floating_point() else 8,
             act_spec=acts,
+            lowrank_raw=qc.get("lowrank_input") == "raw",
+            rotation_sizes=None if rot[0] is None else (len(rot[0]), len(rot[1])),
         )
         replace_module(model, name, layer)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -103,13 +103,13 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--rank",
                 type=RankType(),
                 default=None,
-                help="Rank of the recipe's low-rank corrector: an integer, or a fraction like 0.1.",
+                help="Rank of the recipe's low-rank corrector: an integer, or a share of each layer's parameters like 0.1.",
             ),
             click.option(
                 "--act-bits",
                 type=click.IntRange(2, 16),
                 default=None,
-                help="Per-token dynamic activation bits (8 for W4A8; 16 turns it off).",
+                help="Per-token dynamic activation bits (8: W4A8, 4: W4A4; 16 turns it off).",
             ),
         ]
     ):

@@ -59,10 +59,13 @@ class LowRank:
 
 
 def resolve_rank(rank: int | float, out_features: int, in_features: int) -> int:
-    """An integer rank as is, a fraction in (0, 1] of min(out, in); never above min(out, in)."""
+    """An integer rank as is; a fraction rho in (0, 1] of the layer's size, meaning factors
+    that hold rho of its parameters: k (in + out) = rho in out (LRC's convention). Never
+    above min(out, in)."""
     full = min(out_features, in_features)
-    k = round(rank * full) if isinstance(rank, float) else rank
-    return max(0, min(int(k), full))
+    if isinstance(rank, float):
+        rank = round(rank * in_features * out_features / (in_features + out_features))
+    return max(0, min(int(rank), full))
 
 
 def l2qer_scale(abs_mean: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

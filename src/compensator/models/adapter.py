@@ -24,6 +24,22 @@ class UnsupportedModelError(CompensatorError):
 
 
 @dataclass(frozen=True)
+class RotationLayout:
+    """What a residual-stream rotation must touch in one block (paths relative to it), and
+    the final norm (relative to the model). RMSNorm only: its scale folds into the Linears
+    that read it, and an RMSNorm with unit scale commutes with any orthogonal matrix."""
+
+    attn_norm: str = "input_layernorm"
+    attn_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attn_output: str = "self_attn.o_proj"
+    value: str = "self_attn.v_proj"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_output: str = "mlp.down_proj"
+    final_norm: str = "model.norm"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where one family keeps its decoder blocks and how their Linear layers are ordered.
 
@@ -31,13 +47,15 @@ class ArchSpec:
     one group read the same input and are quantized together; a later group reads what the
     earlier groups produced, so it is calibrated on already-quantized outputs.
     ``alt_blocks`` are further candidate paths tried after ``blocks`` (multimodal wrappers
-    nest the text decoder one level deeper).
+    nest the text decoder one level deeper). ``rotation`` is set for the families whose
+    blocks a residual rotation keeps exact (pre-norm RMSNorm, no norm after a sublayer).
     """
 
     name: str
     blocks: str
     groups: tuple[tuple[str, ...], ...]
     alt_blocks: tuple[str, ...] = ()
+    rotation: RotationLayout | None = None
 
 
 _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -48,8 +66,14 @@ _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _llama_like(name: str, *alt_blocks: str) -> ArchSpec:
-    return ArchSpec(name=name, blocks="model.layers", groups=_LLAMA_GROUPS, alt_blocks=alt_blocks)
+def _llama_like(name: str, *alt_blocks: str, rotation: bool = False) -> ArchSpec:
+    return ArchSpec(
+        name=name,
+        blocks="model.layers",
+        groups=_LLAMA_GROUPS,
+        alt_blocks=alt_blocks,
+        rotation=RotationLayout() if rotation else None,
+    )
 
 
 # Gemma3ForConditionalGeneration keeps its text decoder at model.language_model.layers
@@ -57,10 +81,12 @@ def _llama_like(name: str, *alt_blocks: str) -> ArchSpec:
 _GEMMA3_ALT = "model.language_model.layers"
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _llama_like("llama"),
-    "mistral": _llama_like("mistral"),
-    "qwen2": _llama_like("qwen2"),
-    "qwen3": _llama_like("qwen3"),
+    # Gemma normalizes with (1 + w) and scales embeddings, Gemma 2/3 also normalize sublayer
+    # outputs: no rotation layout for them yet.
+    "llama": _llama_like("llama", rotation=True),
+    "mistral": _llama_like("mistral", rotation=True),
+    "qwen2": _llama_like("qwen2", rotation=True),
+    "qwen3": _llama_like("qwen3", rotation=True),
     "gemma": _llama_like("gemma"),
     "gemma2": _llama_like("gemma2"),
     "gemma3": _llama_like("gemma3", _GEMMA3_ALT),

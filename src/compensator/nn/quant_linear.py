@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compensator.correctors.lowrank import LowRank
+from compensator.nn.rotated import Rotation, rotate_input
 from compensator.quant.act import ActSpec, quantize_activations
 from compensator.quant.pack import pack_int32, packed_words, unpack_int32
 from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec, dequantize
@@ -24,8 +25,10 @@ class QuantLinear(nn.Module):
 
     Optional low-rank correction of rank k (LQER): ``lr_a`` [in, k] and ``lr_b`` [k, out],
     fp16, or int8 codes with fp16 ``lr_a_scale``/``lr_b_scale`` [k] when ``factor_bits`` is 8;
-    y = x Wq^T + (x A) B. Optional ``act_spec``: the input is quantized dynamically first,
-    and both terms see the quantized input.
+    y = x Wq^T + (x A) B. Optional ``act_spec``: the input is quantized dynamically first;
+    the low-rank term sees the quantized input too (LQER), or the unquantized one when
+    ``lowrank_raw`` (LRC). Optional online rotation ``rot_left``/``rot_right`` (float32,
+    L (x) R orthogonal): the input is multiplied by it before anything else.
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class QuantLinear(nn.Module):
         rank: int = 0,
         factor_bits: int = 16,
         act_spec: ActSpec | None = None,
+        lowrank_raw: bool = False,
+        rotation_sizes: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -56,6 +61,11 @@ class QuantLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.rank, self.factor_bits, self.act_spec = rank, factor_bits, act_spec
+        self.lowrank_raw = lowrank_raw
+        if rotation_sizes is not None:
+            a, b = rotation_sizes
+            self.register_buffer("rot_left", torch.eye(a))
+            self.register_buffer("rot_right", torch.eye(b))
         if rank:
             fdtype = torch.float16 if factor_bits == 16 else torch.int8
             self.register_buffer("lr_a", torch.zeros(in_features, rank, dtype=fdtype))
@@ -77,6 +87,8 @@ class QuantLinear(nn.Module):
         *,
         lowrank: LowRank | None = None,
         act_spec: ActSpec | None = None,
+        lowrank_raw: bool = False,
+        rotation: Rotation | None = None,
     ) -> QuantLinear:
         out_features, in_features = qw.codes.shape
         layer = cls(
@@ -87,7 +99,12 @@ class QuantLinear(nn.Module):
             rank=0 if lowrank is None else lowrank.rank,
             factor_bits=16 if lowrank is None or lowrank.bits is None else lowrank.bits,
             act_spec=act_spec,
+            lowrank_raw=lowrank_raw,
+            rotation_sizes=None if rotation is None else (len(rotation[0]), len(rotation[1])),
         )
+        if rotation is not None:
+            layer.rot_left.copy_(rotation[0])
+            layer.rot_right.copy_(rotation[1])
         if lowrank is not None:
             layer.lr_a.copy_(lowrank.a)
             layer.lr_b.copy_(lowrank.b)
@@ -148,32 +165,37 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_spec is not None:
-            x = quantize_activations(x, self.act_spec)
+        x = rotate_input(self, x)
+        xq = x if self.act_spec is None else quantize_activations(x, self.act_spec)
         if self.weight_cache is None:
             self.weight_cache = self.dequantize_weight()
         w = self.weight_cache.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, w, bias)
+        y = F.linear(xq, w, bias)
         if self.rank:
             if self.a_cache is None:
                 self.a_cache, self.b_cache = self.lowrank().factors()
-            y = y + (x @ self.a_cache.to(x.dtype)) @ self.b_cache.to(x.dtype)
+            xl = x if self.lowrank_raw else xq
+            y = y + (xl @ self.a_cache.to(x.dtype)) @ self.b_cache.to(x.dtype)
         return y
 
     def extra_repr(self) -> str:
         extra = f", rank={self.rank}" if self.rank else ""
         if self.rank and self.factor_bits != 16:
             extra += f" (int{self.factor_bits})"
+        if self.rank and self.lowrank_raw:
+            extra += " on the unquantized input"
         if self.act_spec is not None:
             extra += f", {self.act_spec.label()}"
+        if hasattr(self, "rot_left"):
+            extra += f", online rotation {len(self.rot_left)}x{len(self.rot_right)}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"{self.spec.label()}{extra}"
         )
 
 
-_STORED_DTYPE = {"scales", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale"}
+_STORED_DTYPE = {"scales", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale", "rot_left", "rot_right"}
 
 
 def replace_module(root: nn.Module, dotted_name: str, new: nn.Module) -> None:

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compensator.correctors.lowrank import LowRank
 from compensator.models.adapter import ModelAdapter
 from compensator.nn.quant_linear import QuantLinear, replace_module
+from compensator.nn.rotated import input_rotation, rotate_input
 from compensator.pipeline.stats import LinearStats, StatsAccumulator
 from compensator.pipeline.streams import (
     Stream,
@@ -30,6 +32,7 @@ from compensator.pipeline.streams import (
     capture_linear_inputs,
     run_block,
 )
+from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantizedWeight
 from compensator.recipes.recipe import Recipe
 
@@ -87,8 +90,8 @@ def _fp_pass(
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            seen[name] = args[0]
+        def hook(m: nn.Module, args: tuple) -> None:
+            seen[name] = rotate_input(m, args[0])
 
         return hook
 
@@ -116,6 +119,7 @@ def _collect_group_stats(
     stat_names: set[str],
     device: torch.device,
     report: PipelineReport,
+    act: ActSpec | None = None,
 ) -> dict[str, LinearStats]:
     """Statistics of each named Linear's input over all calibration batches.
 
@@ -130,7 +134,7 @@ def _collect_group_stats(
             for n in names:
                 owner = first_owner.setdefault(id(xs[n]), n)
                 if owner == n:
-                    acc[n] = StatsAccumulator(stat_names, xs[n].shape[-1], xs[n].device)
+                    acc[n] = StatsAccumulator(stat_names, xs[n].shape[-1], xs[n].device, act)
                 else:
                     acc[n] = acc[owner]
         done: set[int] = set()
@@ -180,26 +184,42 @@ def _round_group(
 ) -> None:
     rounder, correctors = recipe.rounder, recipe.correctors
     spec = recipe.scheme.weights
+    joint = next((c for c in correctors if c.joint), None)
     rounded: dict[str, QuantizedWeight] = {}
-    for members in _shared_input_sets(group, stats, rounder.rows_independent):
-        weights = [linear.weight.data for _, linear in members]
-        layer_stats = None if stats is None else stats[members[0][0]]
-        qw = rounder.round(
-            torch.cat(weights) if len(weights) > 1 else weights[0], layer_stats, spec
-        )
-        start = 0
-        for (name, _), w in zip(members, weights, strict=True):
-            rounded[name] = qw.rows(start, start + w.shape[0])
-            start += w.shape[0]
+    lowranks: dict[str, LowRank | None] = {}
+    if joint is not None:  # it chooses both, one Linear at a time
+        for name, linear in group:
+            layer_stats = None if stats is None else stats[name]
+            rounded[name], lowranks[name] = joint.refine(
+                linear.weight.data, layer_stats, spec, rounder
+            )
+    else:
+        for members in _shared_input_sets(group, stats, rounder.rows_independent):
+            weights = [linear.weight.data for _, linear in members]
+            layer_stats = None if stats is None else stats[members[0][0]]
+            qw = rounder.round(
+                torch.cat(weights) if len(weights) > 1 else weights[0], layer_stats, spec
+            )
+            start = 0
+            for (name, _), w in zip(members, weights, strict=True):
+                rounded[name] = qw.rows(start, start + w.shape[0])
+                start += w.shape[0]
+        for name, linear in group:
+            layer_stats = None if stats is None else stats[name]
+            lowranks[name] = None
+            for step in correctors:  # the recipe allows one for now
+                lowranks[name] = step.correct(
+                    linear.weight.data, rounded[name].dequantize(), layer_stats
+                )
     for name, linear in group:
-        layer_stats = None if stats is None else stats[name]
-        qw = rounded[name]
-        lowrank = None
-        for step in correctors:  # the recipe allows one for now
-            lowrank = step.correct(linear.weight.data, qw.dequantize(), layer_stats)
         bias = None if linear.bias is None else linear.bias.data
         layer = QuantLinear.from_quantized(
-            qw, bias, lowrank=lowrank, act_spec=recipe.scheme.activations
+            rounded[name],
+            bias,
+            lowrank=lowranks[name],
+            act_spec=recipe.scheme.activations,
+            lowrank_raw=recipe.lowrank_input == "raw",
+            rotation=input_rotation(linear),
         )
         replace_module(block, name, layer)
 
@@ -217,6 +237,10 @@ def run_pipeline(
     """Quantize ``model`` in place: its block Linears become ``QuantLinear`` modules."""
     report = PipelineReport()
     t_start = time.perf_counter()
+    for step in recipe.transforms:
+        t0 = time.perf_counter()
+        step.transform_model(model, adapter)
+        log.info("applied the %s transform in %.1fs", step.name, time.perf_counter() - t0)
     blocks = adapter.blocks(model)
     stat_names = set().union(*(s.stats() for s in recipe.steps))
     fp_steps = [s for s in recipe.steps if s.needs_fp_stream()]
@@ -273,7 +297,14 @@ def run_pipeline(
                 with _Timer(report, "forward"):
                     names = [n for n, _ in group]
                     stats = _collect_group_stats(
-                        block, names, q_stream, fp_inputs, stat_names, device, report
+                        block,
+                        names,
+                        q_stream,
+                        fp_inputs,
+                        stat_names,
+                        device,
+                        report,
+                        recipe.scheme.activations,
                     )
             with _Timer(report, "solve"):
                 _round_group(block, group, stats, recipe)

@@ -12,12 +12,19 @@ from typing import ClassVar
 
 import torch
 
+from compensator.quant.act import ActSpec, quantize_activations
+
 
 class Statistic:
     needs_fp: ClassVar[bool] = False
 
-    def __init__(self, d_in: int, device: torch.device) -> None:
+    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
         self.tokens = 0
+        self.act = act
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer will see it at run time (the scheme's activation quantizer)."""
+        return x if self.act is None else quantize_activations(x, self.act)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         raise NotImplementedError
@@ -29,8 +36,8 @@ class Statistic:
 class Hessian(Statistic):
     """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2."""
 
-    def __init__(self, d_in: int, device: torch.device) -> None:
-        super().__init__(d_in, device)
+    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
+        super().__init__(d_in, device, act)
         self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -49,8 +56,8 @@ class FPCross(Statistic):
     needs_fp = True
     bfloat16: ClassVar[bool] = False
 
-    def __init__(self, d_in: int, device: torch.device) -> None:
-        super().__init__(d_in, device)
+    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
+        super().__init__(d_in, device, act)
         self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -78,8 +85,8 @@ class FPCrossBF16(FPCross):
 class AbsMean(Statistic):
     """Per-feature mean |x| over each batch's tokens, the maximum over batches (L2QER's s)."""
 
-    def __init__(self, d_in: int, device: torch.device) -> None:
-        super().__init__(d_in, device)
+    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
+        super().__init__(d_in, device, act)
         self.max = torch.zeros(d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -91,11 +98,29 @@ class AbsMean(Statistic):
         return self.max.clone()
 
 
+class ActHessian(Hessian):
+    """S_aa = mean of a a^T with a = Q(x), the quantized input (LRC's Hessian for Wq)."""
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        super().update(self.quantized(x.float()), x_fp)
+
+
+class ActCross(Hessian):
+    """S_xa = mean of x a^T: the unquantized input against the quantized one (LRC)."""
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.T, self.quantized(x))
+        self.tokens += x.shape[0]
+
+
 STATISTICS: dict[str, type[Statistic]] = {
     "hessian": Hessian,
     "fp_cross": FPCross,
     "fp_cross_bf16": FPCrossBF16,
     "abs_mean": AbsMean,
+    "act_hessian": ActHessian,
+    "act_cross": ActCross,
 }
 
 
@@ -116,15 +141,25 @@ class LinearStats:
     def abs_mean(self) -> torch.Tensor | None:
         return self.values.get("abs_mean")
 
+    @property
+    def act_hessian(self) -> torch.Tensor | None:
+        return self.values.get("act_hessian")
+
+    @property
+    def act_cross(self) -> torch.Tensor | None:
+        return self.values.get("act_cross")
+
 
 class StatsAccumulator:
     """All requested statistics for one Linear input."""
 
-    def __init__(self, names: set[str], d_in: int, device: torch.device) -> None:
+    def __init__(
+        self, names: set[str], d_in: int, device: torch.device, act: ActSpec | None = None
+    ) -> None:
         unknown = names - STATISTICS.keys()
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}")
-        self.stats = {n: STATISTICS[n](d_in, device) for n in sorted(names)}
+        self.stats = {n: STATISTICS[n](d_in, device, act) for n in sorted(names)}
 
     @property
     def needs_fp(self) -> bool:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compensator.nn.rotated import rotate_input
+
 
 class StopForward(Exception):
     """Raised from a hook once everything needed from a forward pass has been seen."""
@@ -123,12 +125,13 @@ def capture_linear_inputs(
     kwargs: dict[str, Any],
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Inputs of the named Linears for one batch; the forward stops once all were seen."""
+    """Inputs of the named Linears for one batch (after a Linear's online rotation, what its
+    weight multiplies); the forward stops once all were seen."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            seen[name] = args[0]
+        def hook(m: nn.Module, args: tuple) -> None:
+            seen[name] = rotate_input(m, args[0])
             if len(seen) == len(names):
                 raise StopForward
 

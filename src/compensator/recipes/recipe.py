@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from compensator.errors import CompensatorError
 from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
-from compensator.steps import STEPS, CorrectorStep, StepConfig
+from compensator.steps import STEPS, CorrectorStep, StepConfig, TransformStep
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -62,6 +62,16 @@ class Recipe(BaseModel):
         correctors = [s.name for s in self.steps if s.kind == "corrector"]
         if len(correctors) > 1:
             raise ValueError(f"a recipe takes at most one corrector step for now, got {correctors}")
+        transforms = [s.name for s in self.steps if s.kind == "transform"]
+        if len(transforms) != len(set(transforms)):
+            raise ValueError(f"each transform step may appear once, got {transforms}")
+        joint = [s for s in self.correctors if s.joint]
+        extra = self.rounder.stats() - {"hessian"}
+        if joint and (extra or self.rounder.needs_fp_stream()):
+            raise ValueError(
+                f"{joint[0].name} re-runs the rounder on its own target and Hessian, so it "
+                f"composes with rtn or plain gptq; {self.rounder.name} also needs {sorted(extra)}"
+            )
         return self
 
     @property
@@ -71,6 +81,15 @@ class Recipe(BaseModel):
     @property
     def correctors(self) -> list[CorrectorStep]:
         return [s for s in self.steps if isinstance(s, CorrectorStep)]
+
+    @property
+    def transforms(self) -> list[TransformStep]:
+        return [s for s in self.steps if isinstance(s, TransformStep)]
+
+    @property
+    def lowrank_input(self) -> str:
+        """What the correctors' factors multiply: ``raw`` or ``quantized`` activations."""
+        return "raw" if any(s.raw_input() for s in self.correctors) else "quantized"
 
     def with_rank(self, rank: int | float | None) -> Recipe:
         """The same recipe with the corrector's rank replaced (None: unchanged)."""

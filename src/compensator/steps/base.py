@@ -19,7 +19,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from compensator.correctors.lowrank import LowRank
+    from compensator.models.adapter import ModelAdapter
     from compensator.pipeline.stats import LinearStats
     from compensator.quant.spec import QuantizedWeight, QuantSpec
 
@@ -47,6 +50,16 @@ class StepConfig(BaseModel):
         return False
 
 
+class TransformStep(StepConfig):
+    """Function-preserving change of the whole FP model, applied once before calibration
+    (a residual-stream rotation spans every block, so it cannot be done block by block)."""
+
+    kind: ClassVar[StepKind] = "transform"
+
+    def transform_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        raise NotImplementedError
+
+
 class RounderStep(StepConfig):
     kind: ClassVar[StepKind] = "rounder"
     # Rows (output channels) are rounded independently given the input statistics, so
@@ -62,6 +75,22 @@ class RounderStep(StepConfig):
 
 class CorrectorStep(StepConfig):
     kind: ClassVar[StepKind] = "corrector"
+    # A joint corrector chooses the rounding too (LRC alternates the rounder with its own
+    # low-rank solve): the pipeline calls ``refine`` instead of the rounder for each Linear.
+    joint: ClassVar[bool] = False
+
+    def raw_input(self) -> bool:
+        """Whether the low-rank term multiplies the unquantized input (else the quantized)."""
+        return False
+
+    def refine(
+        self,
+        weight: torch.Tensor,
+        stats: LinearStats | None,
+        spec: QuantSpec,
+        rounder: RounderStep,
+    ) -> tuple[QuantizedWeight, LowRank | None]:
+        raise NotImplementedError
 
     def correct(
         self, weight: torch.Tensor, rounded: torch.Tensor, stats: LinearStats | None

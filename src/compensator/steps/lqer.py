@@ -19,11 +19,18 @@ class LQERStep(CorrectorStep):
 
     name: ClassVar[str] = "lqer"
     rank: int | float = Field(
-        32, description="rank k, or a fraction in (0, 1) of min(out, in) features"
+        32,
+        description="rank k, or rho in (0, 1]: k = rho * in * out / (in + out), the factors "
+        "then holding rho of the layer's parameter count",
     )
     scale: Literal["l2", "none"] = "l2"
     factor_bits: Literal[8, 16] = Field(
         16, description="16: fp16 factors; 8: int8 codes with an fp16 scale per rank component"
+    )
+    input: Literal["quantized", "raw"] = Field(
+        "quantized",
+        description="what the factors multiply when activations are quantized: the quantized "
+        "input (LQER), or the unquantized one (as LRC does)",
     )
 
     @field_validator("rank")
@@ -34,6 +41,9 @@ class LQERStep(CorrectorStep):
         if isinstance(v, int) and v < 0:
             raise ValueError(f"rank must be >= 0, got {v}")
         return v
+
+    def raw_input(self) -> bool:
+        return self.input == "raw"
 
     def stats(self) -> set[str]:
         return {"abs_mean"} if self.scale == "l2" else set()

@@ -1,0 +1,104 @@
+"""What the benchmark scripts share: the DESIGN quick protocol, one quantize-and-evaluate row,
+and results files that are rewritten after every row (so an interrupted run keeps its rows
+and ``--resume`` skips them)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Bench:
+    fp: Any  # LoadedModel
+    windows: torch.Tensor
+    calibration: torch.Tensor
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+
+def setup(model: str, calib: str, calib_windows: int, eval_windows: int, threads: int) -> Bench:
+    """Load the FP model and the data once; measure the FP perplexity."""
+    from compensator.data import load_calibration_windows, load_eval_windows
+    from compensator.evaluate import evaluate
+    from compensator.models.loading import load_model
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads)
+    fp = load_model(model)
+    windows = load_eval_windows(fp.tokenizer, "wikitext2", 512, eval_windows or None)
+    cal = load_calibration_windows(fp.tokenizer, calib, calib_windows, 512, 0)
+    fp_ppl = evaluate(fp.model, windows, progress=False).ppl
+    print(f"FP ppl {fp_ppl:.3f} on {windows.shape[0]} windows", flush=True)
+    protocol = {
+        "model": model,
+        "eval": "wikitext2 test, 512-token windows",
+        "eval_windows": int(windows.shape[0]),
+        "calibration": f"{calib}, {calib_windows} x 512, seed 0",
+        "threads": threads,
+        "fp_ppl": fp_ppl,
+    }
+    return Bench(fp, windows, cal, protocol)
+
+
+def run_row(bench: Bench, recipe: Any, **overrides: Any) -> dict[str, Any]:
+    """Quantize a copy of the FP model with ``recipe`` and evaluate it: ppl, KL, stored bits
+    per weight, quantization seconds (and the rounding maths' share)."""
+    import compensator as cp
+    from compensator.evaluate import evaluate
+    from compensator.models.loading import LoadedModel
+
+    fp = bench.fp
+    t0 = time.perf_counter()
+    qm = cp.quantize(
+        LoadedModel(copy.deepcopy(fp.model), fp.tokenizer, fp.source),
+        recipe,
+        calibration=bench.calibration,
+        inplace=True,
+        progress=False,
+        **overrides,
+    )
+    seconds = time.perf_counter() - t0
+    res = evaluate(qm.model, bench.windows, fp_model=fp.model, progress=False)
+    return {
+        "ppl": res.ppl,
+        "kl": res.kl,
+        "bits_per_weight": qm.quantization_config["bits_per_weight"],
+        "seconds": seconds,
+        "solve_seconds": qm.report["seconds"]["solve"],
+    }
+
+
+def new_result(bench: Bench, script: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "protocol": bench.protocol,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+        "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]),
+        **extra,
+        "rows": [],
+    }
+
+
+def previous_rows(name: str, resume: bool) -> list[dict[str, Any]]:
+    path = RESULTS / f"{name}.json"
+    if not resume or not path.is_file():
+        return []
+    return json.loads(path.read_text())["rows"]
+
+
+def write(name: str, result: dict[str, Any], markdown: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown)):
+        tmp = RESULTS / f".{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(RESULTS / f"{name}{suffix}")

@@ -1,0 +1,129 @@
+"""W4A4 / W4A8 on SmolLM2-135M (DESIGN quick protocol): rotation, GPTQ/GPTAQ, LRC.
+
+    export COMPENSATOR_DATA=../shared/data
+    python benchmarks/w4a4.py --name w4a4                 # every row (~45 min, 2 cores)
+    python benchmarks/w4a4.py --name w4a4 --resume        # after an interruption
+    python benchmarks/w4a4.py --schemes W4A4 --rows quarot-gptq,lrc-0.3
+
+Weights 4-bit g128 asymmetric; activations per-token symmetric int4 with clip ratio 0.9
+(W4A4) or int8 (W4A8), on every block Linear's input. Rows: plain RTN, rotation + RTN,
+rotation + GPTQ, rotation + GPTAQ (exact form), rotation + GPTQ + LRC at rho 0.1 and 0.3,
+and the SVD-of-error baseline at the same ranks (L2QER factors on the unquantized input,
+after rotation + GPTQ). Writes benchmarks/results/NAME.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import common
+
+SCHEMES = {"W4A4": (4, 0.9), "W4A8": (8, 1.0)}  # activation bits, clip ratio
+
+ROTATE = {"rotate": {}}
+GPTQ = {"gptq": {}}
+ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "rtn": ("RTN (no rotation)", [{"rtn": {}}]),
+    "quarot-rtn": ("rotation + RTN", [ROTATE, {"rtn": {}}]),
+    "quarot-gptq": ("rotation + GPTQ", [ROTATE, GPTQ]),
+    "quarot-gptaq": (
+        "rotation + GPTAQ (exact form)",
+        [ROTATE, {"gptq": {"asymmetric": True, "fp_precision": "bfloat16"}}],
+    ),
+    "lrc-0.1": ("rotation + GPTQ + LRC rho 0.1", [ROTATE, GPTQ, {"lrc": {"rank": 0.1}}]),
+    "lrc-0.3": ("rotation + GPTQ + LRC rho 0.3", [ROTATE, GPTQ, {"lrc": {"rank": 0.3}}]),
+    "svd-0.1": (
+        "rotation + GPTQ + SVD of error (L2QER) rho 0.1",
+        [ROTATE, GPTQ, {"lqer": {"rank": 0.1, "input": "raw"}}],
+    ),
+    "svd-0.3": (
+        "rotation + GPTQ + SVD of error (L2QER) rho 0.3",
+        [ROTATE, GPTQ, {"lqer": {"rank": 0.3, "input": "raw"}}],
+    ),
+}
+
+
+def recipe(row: str, scheme: str) -> Any:
+    from compensator.recipes import Recipe
+
+    bits, clip = SCHEMES[scheme]
+    return Recipe.model_validate(
+        {
+            "name": row,
+            "scheme": {
+                "weights": {"bits": 4, "group_size": 128, "symmetric": False},
+                "activations": {"bits": bits, "clip_ratio": clip},
+            },
+            "steps": ROWS[row][1],
+        }
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p = result["protocol"]
+    fp = p["fp_ppl"]
+    lines = [
+        f"# {p['model']}: W4A4 / W4A8 with rotations and LRC",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Eval: {p['eval']}, {p['eval_windows']} windows; calibration: {p['calibration']}; "
+        f"{p['threads']} CPU threads. FP ppl {fp:.2f}. Weights 4-bit g128 asymmetric; "
+        "activations per-token symmetric (int4 with clip 0.9, int8 without). Bits per weight "
+        "count codes, scales, zeros and fp16 low-rank factors. 'gap closed' is the share of "
+        "rotation + GPTQ's distance to FP (in ppl) that a row removes, same scheme.",
+        "",
+        "| row | scheme | ppl | KL | gap closed | bits/weight | quantize s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = {r["scheme"]: r["ppl"] for r in result["rows"] if r["row"] == "quarot-gptq"}
+    for r in result["rows"]:
+        ref = base.get(r["scheme"])
+        gap = "" if ref is None else f"{(ref - r['ppl']) / (ref - fp):.0%}"
+        lines.append(
+            f"| {ROWS[r['row']][0]} | {r['scheme']} | {r['ppl']:.2f} | {r['kl']:.4f} | {gap} "
+            f"| {r['bits_per_weight']:.2f} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="w4a4", help="results file stem")
+    ap.add_argument("--resume", action="store_true", help="keep the rows in NAME.json")
+    args = ap.parse_args()
+    unknown = (
+        set(args.rows.split(",")) - ROWS.keys() or set(args.schemes.split(",")) - SCHEMES.keys()
+    )
+    if unknown:
+        ap.error(f"unknown rows or schemes {sorted(unknown)}; rows: {', '.join(ROWS)}")
+
+    bench = common.setup(
+        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
+    )
+    result = common.new_result(bench, "w4a4.py")
+    result["rows"] = common.previous_rows(args.name, args.resume)
+    done = {(r["row"], r["scheme"]) for r in result["rows"]}
+    for scheme in args.schemes.split(","):
+        for row in args.rows.split(","):
+            if (row, scheme) in done:
+                continue
+            entry = {"row": row, "scheme": scheme, **common.run_row(bench, recipe(row, scheme))}
+            result["rows"].append(entry)
+            print(json.dumps(entry), flush=True)
+            common.write(args.name, result, markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The QuaRot-style rotation step: a whole-model transform applied before calibration."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from torch import nn
+
+from compensator.models.adapter import ModelAdapter
+from compensator.steps.base import TransformStep, register_step
+from compensator.transforms.rotation import rotate_model
+
+
+@register_step
+class RotateStep(TransformStep):
+    """Rotate the residual stream (randomized Hadamard, or Haar-random orthogonal), the value
+    heads, and down_proj's input online; exact in full precision, so any rounder follows."""
+
+    name: ClassVar[str] = "rotate"
+    rotation: Literal["hadamard", "orthogonal"] = Field(
+        "hadamard", description="residual rotation: randomized Hadamard, or Haar-random"
+    )
+    seed: int = 0
+    heads: bool = Field(True, description="rotate each value head (v_proj/o_proj), offline")
+    online_down: bool = Field(True, description="online Hadamard on down_proj's input")
+
+    def transform_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        rotate_model(
+            model,
+            adapter,
+            seed=self.seed,
+            rotation=self.rotation,
+            heads=self.heads,
+            online_down=self.online_down,
+        )

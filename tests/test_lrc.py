@@ -1,0 +1,146 @@
+"""LRC maths on bare matrices: the low-rank step's optimality, the W* target, iterations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compensator.correctors import resolve_rank
+from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target
+from compensator.pipeline.stats import LinearStats, StatsAccumulator
+from compensator.quant import QuantSpec
+from compensator.quant.act import ActSpec, quantize_activations
+from compensator.rounders import rtn
+from compensator.steps.gptq import GPTQStep
+from compensator.steps.lrc import LRCStep
+from compensator.steps.rtn import RTNStep
+
+ACT = ActSpec(bits=4, clip_ratio=0.9)
+
+
+def _case(out: int = 24, inp: int = 40, tokens: int = 600, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    # Correlated features of unequal scale, like a Linear's inputs.
+    mix = torch.randn(inp, inp, generator=g, dtype=torch.float64) / inp**0.5
+    x = (torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix) * torch.exp(
+        torch.randn(inp, generator=g, dtype=torch.float64)
+    )
+    a = quantize_activations(x, ACT)
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    n = tokens
+    return w, x, a, x.T @ x / n, x.T @ a / n, a.T @ a / n
+
+
+def _brute_objective(w, wq, low, x, a) -> float:
+    y = x @ w.T - a @ wq.T - (0 if low is None else x @ low.T)
+    return float((y * y).sum() / x.shape[0])
+
+
+def test_objective_from_grams_matches_the_data() -> None:
+    w, x, a, sxx, sxa, saa = _case()
+    wq = rtn(w.float(), QuantSpec(bits=3, group_size=8)).dequantize().double()
+    low = torch.randn(w.shape, dtype=torch.float64) * 0.01
+    got = lrc_objective(w, wq, low, sxx, sxa, saa)
+    assert got == pytest.approx(_brute_objective(w, wq, low, x, a), rel=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 12])
+def test_lowrank_step_is_optimal(rank: int) -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    wq = rtn(w.float(), QuantSpec(bits=3, group_size=8)).dequantize().double()
+    lr = lowrank_step(w, wq, sxx, sxa, rank)
+    assert lr is not None and lr.rank == rank
+    low = lr.dense().double()
+    assert torch.linalg.matrix_rank(lr.dense()) == rank
+    best = lrc_objective(w, wq, low, sxx, sxa, saa)
+    assert best < lrc_objective(w, wq, None, sxx, sxa, saa)
+    g = torch.Generator().manual_seed(3)
+    for scale in (1e-3, 1e-2, 1e-1):
+        for _ in range(20):
+            # Any rank-k matrix near the optimum (or far from it) is no better.
+            u = lr.b.double().T + scale * torch.randn(
+                w.shape[0], rank, generator=g, dtype=torch.float64
+            )
+            v = lr.a.double() + scale * torch.randn(
+                w.shape[1], rank, generator=g, dtype=torch.float64
+            )
+            assert lrc_objective(w, wq, u @ v.T, sxx, sxa, saa) >= best * (1 - 1e-7)
+
+
+def test_full_rank_step_is_the_least_squares_fit() -> None:
+    w, x, a, sxx, sxa, _saa = _case()
+    wq = rtn(w.float(), QuantSpec(bits=3, group_size=8)).dequantize().double()
+    low = lowrank_step(w, wq, sxx, sxa, min(w.shape)).dense().double()
+    # Unconstrained: L = argmin ||Y - L X|| by lstsq on the raw data.
+    y = x @ w.T - a @ wq.T
+    want = torch.linalg.lstsq(x, y).solution.T
+    torch.testing.assert_close(low, want.float().double(), atol=1e-4, rtol=1e-4)
+
+
+def test_target_minimizes_the_objective_for_fixed_lowrank() -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    low = (
+        torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.1
+    )
+    target = lrc_target(w, low, sxa, saa)
+    best = lrc_objective(w, target, low, sxx, sxa, saa)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        other = target + 0.01 * torch.randn(w.shape, generator=g, dtype=torch.float64)
+        assert lrc_objective(w, other, low, sxx, sxa, saa) >= best
+
+
+def _stats(sxx, sxa, saa, tokens: int = 600) -> LinearStats:
+    return LinearStats(
+        {"hessian": sxx.float(), "act_cross": sxa.float(), "act_hessian": saa.float()}, tokens
+    )
+
+
+@pytest.mark.parametrize("rounder", [GPTQStep(), RTNStep()])
+def test_lrc_iterations_never_raise_the_objective(rounder) -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    spec = QuantSpec(bits=3, group_size=8)
+    stats = _stats(sxx, sxa, saa)
+    previous = None
+    for iterations in (1, 2, 3, 4):
+        step = LRCStep(rank=4, iterations=iterations)
+        qw, lr, history = step.solve(w.float(), stats, spec, rounder)
+        got = lrc_objective(w, qw.dequantize().double(), lr.dense().double(), sxx, sxa, saa)
+        assert got == pytest.approx(min(history), rel=1e-5)
+        if previous is not None:
+            assert got <= previous * (1 + 1e-9)
+        previous = got
+    # And the joint fit beats rounding W alone with the rounder (no low rank, raw Hessian).
+    plain = rounder.round(w.float(), LinearStats({"hessian": sxx.float()}, 600), spec)
+    assert previous < lrc_objective(w, plain.dequantize().double(), None, sxx, sxa, saa)
+
+
+def test_lrc_rank_zero_is_activation_aware_rounding() -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    spec = QuantSpec(bits=4, group_size=8)
+    step = LRCStep(rank=0)
+    qw, lr, _ = step.solve(w.float(), _stats(sxx, sxa, saa), spec, GPTQStep())
+    assert lr is None
+    target = lrc_target(w.float(), None, sxa.float(), saa.float(), step.damp).float()
+    want = GPTQStep().round(target, LinearStats({"hessian": saa.float()}, 600), spec)
+    torch.testing.assert_close(qw.dequantize(), want.dequantize())
+
+
+def test_rank_fraction_is_a_share_of_parameters() -> None:
+    assert resolve_rank(0.3, 576, 1536) == 126  # 0.3 * 576 * 1536 / 2112 = 125.7
+    assert resolve_rank(0.3, 64, 64) == 10
+
+
+def test_activation_statistics_match_their_definitions() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 7, 12, generator=g) for _ in range(3)]
+    acc = StatsAccumulator({"hessian", "act_hessian", "act_cross"}, 12, torch.device("cpu"), ACT)
+    for b in batches:
+        acc.update(b, None)
+    stats = acc.finalize()
+    x = torch.cat([b.reshape(-1, 12) for b in batches]).double()
+    a = quantize_activations(x.float(), ACT).double()
+    n = x.shape[0]
+    torch.testing.assert_close(stats.act_hessian.double(), a.T @ a / n, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.act_cross.double(), x.T @ a / n, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.hessian.double(), x.T @ x / n, atol=1e-5, rtol=1e-5)
