@@ -45,6 +45,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{p['threads']} CPU threads. FP ppl {p['fp_ppl']:.2f}. Bits per weight count the "
         "codes, the fp16 scales and zero points of every group, and the fp16 factors A and B.",
         "",
+        *([result["note"], ""] if result.get("note") else []),
         "| method | scheme | rank | ppl | KL | bits/weight | quantize s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         f"| FP | - | - | {p['fp_ppl']:.2f} | 0 | 32 | |",

@@ -8,7 +8,8 @@
 Weights 4-bit g128 asymmetric; activations per-token symmetric int4 with clip ratio 0.9
 (W4A4) or int8 (W4A8), on every block Linear's input. Rows: plain RTN, rotation + RTN,
 rotation + GPTQ, rotation + GPTAQ (exact form), rotation + GPTQ + LRC at rho 0.1 and 0.3,
-and the SVD-of-error baseline at the same ranks (L2QER factors on the unquantized input,
+LRC aimed at the FP model's output (GPTAQ's target, ours) at rho 0.3, and the SVD-of-error
+baseline at the same ranks (L2QER factors on the unquantized input,
 after rotation + GPTQ). Writes benchmarks/results/NAME.{json,md}.
 """
 
@@ -34,6 +35,10 @@ ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     ),
     "lrc-0.1": ("rotation + GPTQ + LRC rho 0.1", [ROTATE, GPTQ, {"lrc": {"rank": 0.1}}]),
     "lrc-0.3": ("rotation + GPTQ + LRC rho 0.3", [ROTATE, GPTQ, {"lrc": {"rank": 0.3}}]),
+    "lrc-asym-0.3": (
+        "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours)",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True}}],
+    ),
     "svd-0.1": (
         "rotation + GPTQ + SVD of error (L2QER) rho 0.1",
         [ROTATE, GPTQ, {"lqer": {"rank": 0.1, "input": "raw"}}],
@@ -72,15 +77,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"{p['threads']} CPU threads. FP ppl {fp:.2f}. Weights 4-bit g128 asymmetric; "
         "activations per-token symmetric (int4 with clip 0.9, int8 without). Bits per weight "
         "count codes, scales, zeros and fp16 low-rank factors. 'gap closed' is the share of "
-        "rotation + GPTQ's distance to FP (in ppl) that a row removes, same scheme.",
+        "rotation + GPTQ's distance to FP (in ppl) that a row removes, same scheme "
+        "(empty where the row is worse).",
         "",
+        *([result["note"], ""] if result.get("note") else []),
         "| row | scheme | ppl | KL | gap closed | bits/weight | quantize s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = {r["scheme"]: r["ppl"] for r in result["rows"] if r["row"] == "quarot-gptq"}
     for r in result["rows"]:
         ref = base.get(r["scheme"])
-        gap = "" if ref is None else f"{(ref - r['ppl']) / (ref - fp):.0%}"
+        gap = "" if ref is None or r["ppl"] > ref else f"{(ref - r['ppl']) / (ref - fp):.0%}"
         lines.append(
             f"| {ROWS[r['row']][0]} | {r['scheme']} | {r['ppl']:.2f} | {r['kl']:.4f} | {gap} "
             f"| {r['bits_per_weight']:.2f} | {r['seconds']:.1f} |"

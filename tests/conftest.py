@@ -12,19 +12,24 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 VOCAB = 128
 
 
-def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0) -> PreTrainedModel:
+def tiny_llama(
+    layers: int = 2, hidden: int = 64, seed: int = 0, **config: object
+) -> PreTrainedModel:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=hidden * 3 // 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 3 // 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "tie_word_embeddings": True,
+            **config,
+        }
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -144,3 +144,44 @@ def test_activation_statistics_match_their_definitions() -> None:
     torch.testing.assert_close(stats.act_hessian.double(), a.T @ a / n, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats.act_cross.double(), x.T @ a / n, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats.hessian.double(), x.T @ x / n, atol=1e-5, rtol=1e-5)
+
+
+def test_asymmetric_target_maths_match_the_data() -> None:
+    # Aim at W t, t = x + alpha (x_fp - x): the objective from Gram matrices equals the data's,
+    # and the low-rank step and W* are still the minimizers.
+    w, x, a, sxx, sxa, saa = _case()
+    g = torch.Generator().manual_seed(7)
+    x_fp = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std(0)
+    t = x + 0.5 * (x_fp - x)
+    n = x.shape[0]
+    stx, sta, stt = t.T @ x / n, t.T @ a / n, t.T @ t / n
+    wq = rtn(w.float(), QuantSpec(bits=3, group_size=8)).dequantize().double()
+    lr = lowrank_step(w, wq, sxx, sxa, 6, stx=stx)
+    low = lr.dense().double()
+    y = t @ w.T - a @ wq.T - x @ low.T
+    got = lrc_objective(w, wq, low, sxx, sxa, saa, stx, sta, stt)
+    assert got == pytest.approx(float((y * y).sum() / n), rel=1e-6)
+    for _ in range(10):  # rank-6 perturbations of the factors are no better
+        u = lr.b.double().T + 0.01 * torch.randn(w.shape[0], 6, generator=g, dtype=torch.float64)
+        v = lr.a.double() + 0.01 * torch.randn(w.shape[1], 6, generator=g, dtype=torch.float64)
+        assert lrc_objective(w, wq, u @ v.T, sxx, sxa, saa, stx, sta, stt) >= got * (1 - 1e-7)
+    target = lrc_target(w, low, sxa, saa, sta=sta)
+    best = lrc_objective(w, target, low, sxx, sxa, saa, stx, sta, stt)
+    for _ in range(10):
+        other = target + 0.01 * torch.randn(w.shape, generator=g, dtype=torch.float64)
+        assert lrc_objective(w, other, low, sxx, sxa, saa, stx, sta, stt) >= best
+
+
+def test_asymmetric_lrc_with_alpha_zero_is_plain_lrc() -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    spec = QuantSpec(bits=3, group_size=8)
+    d = torch.randn(sxx.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    stats = LinearStats(
+        {**_stats(sxx, sxa, saa).values, "fp_cross": d.float(), "fp_act_cross": d.float()}, 600
+    )
+    plain = LRCStep(rank=4).solve(w.float(), stats, spec, GPTQStep())
+    zero = LRCStep(rank=4, asymmetric=True, alpha=0.0).solve(w.float(), stats, spec, GPTQStep())
+    moved = LRCStep(rank=4, asymmetric=True, alpha=0.5).solve(w.float(), stats, spec, GPTQStep())
+    torch.testing.assert_close(zero[0].dequantize(), plain[0].dequantize())
+    torch.testing.assert_close(zero[1].dense(), plain[1].dense())
+    assert not torch.equal(moved[1].dense(), plain[1].dense())

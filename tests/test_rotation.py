@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import compensator as cp
 from compensator.errors import CompensatorError
@@ -63,17 +63,9 @@ def _randomize_norms(model: torch.nn.Module) -> None:
 def _llama_without_hadamards() -> torch.nn.Module:
     # Widths 100, 50 (head) and 150 (MLP) have no Hadamard construction: random orthogonal
     # residual and head rotations, and a dense online rotation before down_proj.
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=100,
-        intermediate_size=150,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
+    return tiny_llama(
+        hidden=100, intermediate_size=150, num_attention_heads=2, num_key_value_heads=1
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _tiny_qwen2() -> torch.nn.Module:
@@ -182,13 +174,17 @@ def _calib(n: int = 12) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, 32), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("preset", ["quarot-rtn", "quarot-gptq", "quarot-gptq-lrc"])
+@pytest.mark.parametrize("preset", ["quarot-rtn", "quarot-gptq", "quarot-gptq-lrc", "asym-lrc"])
 def test_quarot_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
     model = tiny_llama(hidden=96)
     _randomize_norms(model)
+    recipe = load_recipe("quarot-gptq-lrc" if preset == "asym-lrc" else preset)
+    if preset == "asym-lrc":  # LRC aimed at the FP output: keeps an FP stream
+        steps = [*recipe.steps[:-1], recipe.steps[-1].model_copy(update={"asymmetric": True})]
+        recipe = recipe.model_copy(update={"steps": steps})
     qm = cp.quantize(
         LoadedModel(model, None, "tiny"),
-        preset,
+        recipe,
         calibration=_calib(),
         group_size=32,
         progress=False,
@@ -196,14 +192,14 @@ def test_quarot_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
     down = qm.model.model.layers[1].mlp.down_proj
     assert isinstance(down, QuantLinear) and hasattr(down, "rot_left")
     assert down.act_spec is not None and down.act_spec.bits == 4
-    assert (down.rank > 0) == (preset == "quarot-gptq-lrc")
+    assert (down.rank > 0) == preset.endswith("lrc")
     out = cp.save(qm, tmp_path / preset)
     loaded = cp.load(out)
     ids = _calib(3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, qm.model(ids).logits, atol=0, rtol=0)
     assert loaded.lm_head.weight is not loaded.get_input_embeddings().weight
-    if preset == "quarot-gptq-lrc":
+    if preset.endswith("lrc"):
         assert loaded.model.layers[0].self_attn.q_proj.lowrank_raw
 
 

@@ -13,6 +13,11 @@ with Sxx = E x x^T, Sxa = E x a^T, Saa = E a a^T. Two alternating steps:
 - L given Wq: reduced-rank regression, L = [M S^-T]_k S^-1 with M = W Sxx - Wq Sax and
   S = chol(Sxx): the best rank-k fit in the Sxx-weighted norm (Eckart-Young).
 All in float64; Gram matrices are damped only as much as their Cholesky factor needs.
+
+Asymmetric variant (ours, GPTAQ's idea applied to LRC): aim at the FP model's output,
+W t with t = x + alpha (x_fp - x), instead of W x. Only the cross terms change:
+Stx = E t x^T replaces W's Sxx in M, Sta = E t a^T replaces Sxa in W* = (W Sta - L Sxa) Saa^-1.
+The functions take them as optional ``stx`` / ``sta``; without them t = x.
 """
 
 from __future__ import annotations
@@ -44,13 +49,15 @@ def lrc_target(
     sxa: torch.Tensor,
     saa: torch.Tensor,
     damp: float = 0.0,
+    sta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W* = (W - L) Sxa Saa^-1: the weight whose rounding, under Hessian Saa, minimizes f."""
-    w = weight.double()
+    """W* = (W Sta - L Sxa) Saa^-1 (Sta = Sxa unless given): the weight whose rounding, under
+    Hessian Saa, minimizes f."""
+    lhs = weight.double() @ (sxa if sta is None else sta).double()
     if lowrank_dense is not None:
-        w = w - lowrank_dense.double()
-    rhs = (w @ sxa.double()).T  # Saa is symmetric: solve Saa Z = (W Sxa)^T
-    return torch.cholesky_solve(rhs, cholesky_damped(saa, damp)).T
+        lhs = lhs - lowrank_dense.double() @ sxa.double()
+    # Saa is symmetric: solve Saa Z = lhs^T
+    return torch.cholesky_solve(lhs.T, cholesky_damped(saa, damp)).T
 
 
 def lowrank_step(
@@ -60,13 +67,14 @@ def lowrank_step(
     sxa: torch.Tensor,
     rank: int,
     damp: float = 0.0,
+    stx: torch.Tensor | None = None,
 ) -> LowRank | None:
     """The rank-``rank`` L minimizing f for fixed Wq = ``rounded``, as factors A [in, k],
     B [k, out] with L = (A B)^T; None for rank 0."""
     if rank <= 0:
         return None
     w, wq = weight.double(), rounded.double()
-    m = w @ sxx.double() - wq @ sxa.double().T  # [out, in]
+    m = w @ (sxx if stx is None else stx).double() - wq @ sxa.double().T  # [out, in]
     s = cholesky_damped(sxx, damp)  # Sxx = S S^T
     z = torch.linalg.solve_triangular(s, m.T, upper=False).T  # M S^-T
     u, sigma, vh = torch.linalg.svd(z, full_matrices=False)
@@ -84,14 +92,20 @@ def lrc_objective(
     sxx: torch.Tensor,
     sxa: torch.Tensor,
     saa: torch.Tensor,
+    stx: torch.Tensor | None = None,
+    sta: torch.Tensor | None = None,
+    stt: torch.Tensor | None = None,
 ) -> float:
-    """f(Wq, L) from the three Gram matrices (per token)."""
-    r = weight.double()
+    """f(Wq, L) per token from the Gram matrices. With a target t != x and no ``stt`` the
+    constant tr(W Stt W^T) is taken with Stx in its place: right up to a constant, which is
+    all that comparing (Wq, L) pairs needs."""
+    w, wq = weight.double(), rounded.double()
+    sxx, sxa, saa = sxx.double(), sxa.double(), saa.double()
+    stx = sxx if stx is None else stx.double()
+    sta = sxa if sta is None else sta.double()
+    stt = stx if stt is None else stt.double()
+    f = (w @ stt * w).sum() - 2 * (w @ sta * wq).sum() + (wq @ saa * wq).sum()
     if lowrank_dense is not None:
-        r = r - lowrank_dense.double()
-    wq = rounded.double()
-    return float(
-        (r @ sxx.double() * r).sum()
-        - 2 * (r @ sxa.double() * wq).sum()
-        + (wq @ saa.double() * wq).sum()
-    )
+        low = lowrank_dense.double()
+        f = f - 2 * (w @ stx * low).sum() + 2 * (wq @ sxa.T * low).sum() + (low @ sxx * low).sum()
+    return float(f)

@@ -114,6 +114,19 @@ class ActCross(Hessian):
         self.tokens += x.shape[0]
 
 
+class FPActCross(FPCross):
+    """D_a = mean of (x_fp - x) a^T with a = Q(x): the FP input's offset against the
+    quantized activations (LRC aimed at the FP output)."""
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        if x_fp is None:
+            raise ValueError("the fp_act_cross statistic needs the FP stream")
+        x = x.reshape(-1, x.shape[-1]).float()
+        dx = x_fp.reshape(-1, x_fp.shape[-1]).to(x) - x
+        self.sum.addmm_(dx.T, self.quantized(x))
+        self.tokens += x.shape[0]
+
+
 STATISTICS: dict[str, type[Statistic]] = {
     "hessian": Hessian,
     "fp_cross": FPCross,
@@ -121,6 +134,7 @@ STATISTICS: dict[str, type[Statistic]] = {
     "abs_mean": AbsMean,
     "act_hessian": ActHessian,
     "act_cross": ActCross,
+    "fp_act_cross": FPActCross,
 }
 
 
@@ -148,6 +162,10 @@ class LinearStats:
     @property
     def act_cross(self) -> torch.Tensor | None:
         return self.values.get("act_cross")
+
+    @property
+    def fp_act_cross(self) -> torch.Tensor | None:
+        return self.values.get("fp_act_cross")
 
 
 class StatsAccumulator:

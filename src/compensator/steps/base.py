@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,6 +98,21 @@ class CorrectorStep(StepConfig):
         """Full-precision terms that repair ``rounded`` (the dequantized weight the layer
         will use) towards ``weight`` (the original FP weight); None when there is nothing."""
         raise NotImplementedError
+
+
+class LowRankCorrector(CorrectorStep):
+    """A corrector with a ``rank``: an integer, or a fraction of the layer's parameters."""
+
+    rank: int | float = 32
+
+    @field_validator("rank")
+    @classmethod
+    def _valid_rank(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"a fractional rank must be in (0, 1], got {v}")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"rank must be >= 0, got {v}")
+        return v
 
 
 STEPS: dict[str, type[StepConfig]] = {}

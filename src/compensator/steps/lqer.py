@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from compensator.correctors.lowrank import LowRank, l2qer_scale, lqer, resolve_rank
 from compensator.pipeline.stats import LinearStats
-from compensator.steps.base import CorrectorStep, register_step
+from compensator.steps.base import LowRankCorrector, register_step
 
 
 @register_step
-class LQERStep(CorrectorStep):
+class LQERStep(LowRankCorrector):
     """y = x Wq^T + (x A) B with A B the rank-k SVD of the error; ``scale: l2`` weights input
     features by their calibration mean |x| (L2QER), ``none`` is plain LQER."""
 
@@ -32,15 +32,6 @@ class LQERStep(CorrectorStep):
         description="what the factors multiply when activations are quantized: the quantized "
         "input (LQER), or the unquantized one (as LRC does)",
     )
-
-    @field_validator("rank")
-    @classmethod
-    def _valid_rank(cls, v: int | float) -> int | float:
-        if isinstance(v, float) and not 0 < v <= 1:
-            raise ValueError(f"a fractional rank must be in (0, 1], got {v}")
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"rank must be >= 0, got {v}")
-        return v
 
     def raw_input(self) -> bool:
         return self.input == "raw"

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from compensator.correctors.lowrank import LowRank, resolve_rank
 from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target
 from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
-from compensator.steps.base import CorrectorStep, RounderStep, register_step
+from compensator.steps.base import LowRankCorrector, RounderStep, register_step
 
 
 @register_step
-class LRCStep(CorrectorStep):
+class LRCStep(LowRankCorrector):
     """Alternate the recipe's rounder on W* = (W - L) Sxa Saa^-1 (Hessian Saa, the quantized
     activations') with the closed-form rank-k L; keep the pair with the lowest objective."""
 
@@ -28,18 +28,26 @@ class LRCStep(CorrectorStep):
     )
     iterations: int = Field(1, ge=1, le=10, description="(rounder, low-rank) alternations")
     damp: float = Field(1e-4, ge=0, le=1, description="fraction of mean(diag) added to Grams")
-
-    @field_validator("rank")
-    @classmethod
-    def _valid_rank(cls, v: int | float) -> int | float:
-        if isinstance(v, float) and not 0 < v <= 1:
-            raise ValueError(f"a fractional rank (rho) must be in (0, 1], got {v}")
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"rank must be >= 0, got {v}")
-        return v
+    asymmetric: bool = Field(
+        False, description="aim at the FP model's output (GPTAQ's target) instead of W x"
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="target x + alpha (x_fp - x)")
+    fp_precision: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="precision of the FP stream's forward (asymmetric only)"
+    )
 
     def stats(self) -> set[str]:
-        return {"hessian", "act_hessian", "act_cross"}
+        base = {"hessian", "act_hessian", "act_cross"}
+        if not self.asymmetric:
+            return base
+        d = "fp_cross_bf16" if self.fp_precision == "bfloat16" else "fp_cross"
+        return base | {d, "fp_act_cross"}
+
+    def needs_fp_stream(self) -> bool:
+        return self.asymmetric
+
+    def fp_stream_low_precision(self) -> bool:
+        return self.fp_precision == "bfloat16"
 
     def raw_input(self) -> bool:
         return True
@@ -66,17 +74,22 @@ class LRCStep(CorrectorStep):
         sxx, sxa, saa = stats.hessian, stats.act_cross, stats.act_hessian
         assert sxx is not None and sxa is not None and saa is not None
         k = resolve_rank(self.rank, *weight.shape)
+        stx = sta = None
+        if self.asymmetric:
+            assert stats.fp_cross is not None and stats.fp_act_cross is not None
+            stx = sxx + self.alpha * stats.fp_cross
+            sta = sxa + self.alpha * stats.fp_act_cross
         rounder_stats = LinearStats({"hessian": saa}, stats.tokens)
         dense = None
         best: tuple[float, QuantizedWeight, LowRank | None] | None = None
         history: list[float] = []
         for _ in range(self.iterations):
-            target = lrc_target(weight, dense, sxa, saa, self.damp).to(weight.dtype)
+            target = lrc_target(weight, dense, sxa, saa, self.damp, sta).to(weight.dtype)
             qw = rounder.round(target, rounder_stats, spec)
             wq = qw.dequantize()
-            lowrank = lowrank_step(weight, wq, sxx, sxa, k, self.damp)
+            lowrank = lowrank_step(weight, wq, sxx, sxa, k, self.damp, stx)
             dense = None if lowrank is None else lowrank.dense()
-            objective = lrc_objective(weight, wq, dense, sxx, sxa, saa)
+            objective = lrc_objective(weight, wq, dense, sxx, sxa, saa, stx, sta)
             history.append(objective)
             if best is None or objective < best[0]:
                 best = (objective, qw, lowrank)
