@@ -35,6 +35,10 @@ ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     ),
     "lrc-0.1": ("rotation + GPTQ + LRC rho 0.1", [ROTATE, GPTQ, {"lrc": {"rank": 0.1}}]),
     "lrc-0.3": ("rotation + GPTQ + LRC rho 0.3", [ROTATE, GPTQ, {"lrc": {"rank": 0.3}}]),
+    "lrc-0.3-it3": (
+        "rotation + GPTQ + LRC rho 0.3, 3 iterations",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "iterations": 3}}],
+    ),
     "lrc-asym-0.3": (
         "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours)",
         [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True}}],
