@@ -42,8 +42,14 @@ class Hessian(Statistic):
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.T, x)
+        self.sum.addmm_(self.left(x).T, self.right(x))
         self.tokens += x.shape[0]
+
+    def left(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def result(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
@@ -65,11 +71,15 @@ class FPCross(Statistic):
             raise ValueError("the fp_cross statistic needs the FP stream")
         x = x.reshape(-1, x.shape[-1]).float()
         dx = x_fp.reshape(-1, x_fp.shape[-1]).to(x) - x
+        right = self.right(x)
         if self.bfloat16:
-            self.sum += (dx.T.bfloat16() @ x.bfloat16()).float()
+            self.sum += (dx.T.bfloat16() @ right.bfloat16()).float()
         else:
-            self.sum.addmm_(dx.T, x)
+            self.sum.addmm_(dx.T, right)
         self.tokens += x.shape[0]
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def result(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
@@ -101,30 +111,26 @@ class AbsMean(Statistic):
 class ActHessian(Hessian):
     """S_aa = mean of a a^T with a = Q(x), the quantized input (LRC's Hessian for Wq)."""
 
-    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
-        super().update(self.quantized(x.float()), x_fp)
+    def left(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x)
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x)
 
 
 class ActCross(Hessian):
     """S_xa = mean of x a^T: the unquantized input against the quantized one (LRC)."""
 
-    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.T, self.quantized(x))
-        self.tokens += x.shape[0]
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x)
 
 
 class FPActCross(FPCross):
     """D_a = mean of (x_fp - x) a^T with a = Q(x): the FP input's offset against the
     quantized activations (LRC aimed at the FP output)."""
 
-    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
-        if x_fp is None:
-            raise ValueError("the fp_act_cross statistic needs the FP stream")
-        x = x.reshape(-1, x.shape[-1]).float()
-        dx = x_fp.reshape(-1, x_fp.shape[-1]).to(x) - x
-        self.sum.addmm_(dx.T, self.quantized(x))
-        self.tokens += x.shape[0]
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x)
 
 
 STATISTICS: dict[str, type[Statistic]] = {

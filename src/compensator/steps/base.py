@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from torch import nn
@@ -100,10 +100,16 @@ class CorrectorStep(StepConfig):
         raise NotImplementedError
 
 
+RANK_HELP = (
+    "rank k, or rho in (0, 1]: k = rho * in * out / (in + out), the factors then holding rho "
+    "of the layer's parameter count"
+)
+
+
 class LowRankCorrector(CorrectorStep):
     """A corrector with a ``rank``: an integer, or a fraction of the layer's parameters."""
 
-    rank: int | float = 32
+    rank: int | float = Field(32, description=RANK_HELP)
 
     @field_validator("rank")
     @classmethod

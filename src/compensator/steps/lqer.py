@@ -18,11 +18,6 @@ class LQERStep(LowRankCorrector):
     features by their calibration mean |x| (L2QER), ``none`` is plain LQER."""
 
     name: ClassVar[str] = "lqer"
-    rank: int | float = Field(
-        32,
-        description="rank k, or rho in (0, 1]: k = rho * in * out / (in + out), the factors "
-        "then holding rho of the layer's parameter count",
-    )
     scale: Literal["l2", "none"] = "l2"
     factor_bits: Literal[8, 16] = Field(
         16, description="16: fp16 factors; 8: int8 codes with an fp16 scale per rank component"

@@ -11,7 +11,7 @@ from compensator.correctors.lowrank import LowRank, resolve_rank
 from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target
 from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
-from compensator.steps.base import LowRankCorrector, RounderStep, register_step
+from compensator.steps.base import RANK_HELP, LowRankCorrector, RounderStep, register_step
 
 
 @register_step
@@ -21,11 +21,7 @@ class LRCStep(LowRankCorrector):
 
     name: ClassVar[str] = "lrc"
     joint: ClassVar[bool] = True
-    rank: int | float = Field(
-        0.3,
-        description="rank k, or rho in (0, 1]: k = rho * in * out / (in + out), the factors "
-        "then holding rho of the layer's parameter count",
-    )
+    rank: int | float = Field(0.3, description=RANK_HELP)
     iterations: int = Field(1, ge=1, le=10, description="(rounder, low-rank) alternations")
     damp: float = Field(1e-4, ge=0, le=1, description="fraction of mean(diag) added to Grams")
     asymmetric: bool = Field(
