@@ -51,9 +51,16 @@ def setup(model: str, calib: str, calib_windows: int, eval_windows: int, threads
     return Bench(fp, windows, cal, protocol)
 
 
-def run_row(bench: Bench, recipe: Any, **overrides: Any) -> dict[str, Any]:
+def run_row(
+    bench: Bench,
+    recipe: Any,
+    *,
+    extra_eval: dict[str, torch.Tensor] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Quantize a copy of the FP model with ``recipe`` and evaluate it: ppl, KL, stored bits
-    per weight, quantization seconds (and the rounding maths' share)."""
+    per weight, quantization seconds (and the rounding maths' share); ``ppl_NAME``/``kl_NAME``
+    on each ``extra_eval`` set of windows; training seconds per block for learned recipes."""
     import compensator as cp
     from compensator.evaluate import evaluate
     from compensator.models.loading import LoadedModel
@@ -70,13 +77,21 @@ def run_row(bench: Bench, recipe: Any, **overrides: Any) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - t0
     res = evaluate(qm.model, bench.windows, fp_model=fp.model, progress=False)
-    return {
+    row = {
         "ppl": res.ppl,
         "kl": res.kl,
         "bits_per_weight": qm.quantization_config["bits_per_weight"],
         "seconds": seconds,
         "solve_seconds": qm.report["seconds"]["solve"],
     }
+    for name, windows in (extra_eval or {}).items():
+        other = evaluate(qm.model, windows, fp_model=fp.model, progress=False)
+        row[f"ppl_{name}"], row[f"kl_{name}"] = other.ppl, other.kl
+    train = qm.report.get("train")
+    if train:
+        row["train_seconds_per_block"] = sum(t["seconds"] for t in train) / len(train)
+        row["block_loss"] = [[t["initial_loss"], t["final_loss"]] for t in train]
+    return row
 
 
 def new_result(bench: Bench, script: str, **extra: Any) -> dict[str, Any]:

@@ -84,6 +84,7 @@ def quantize(
     symmetric: bool | None = None,
     rank: int | float | None = None,
     act_bits: int | None = None,
+    epochs: int | None = None,
     device: str | torch.device | None = "auto",
     batch_size: int = 8,
     inplace: bool = False,
@@ -107,6 +108,7 @@ def quantize(
         .with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
         .with_rank(rank)
         .with_act_bits(act_bits)
+        .with_epochs(epochs)
     )
     needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
     # Check the cheap arguments before loading the model, so bad input fails fast.
@@ -151,6 +153,7 @@ def quantize(
         "weights": spec.model_dump(),
         "activations": None if acts is None else acts.model_dump(),
         "lowrank_input": rec.lowrank_input,
+        "storage": rec.rounder.storage(),
         "bits_per_weight": bits_per_weight(net),
         "packing": "int32, little-endian bit stream along the input dimension",
         "modules": report.quantized_layers,

@@ -31,8 +31,10 @@ from transformers.initialization import no_init_weights
 
 from compensator.errors import CompensatorError
 from compensator.nn.quant_linear import QuantLinear, replace_module
+from compensator.nn.vq_linear import VQLinear
 from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
+from compensator.quant.vq import VQSpec
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +175,30 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     spec = QuantSpec(**qc["weights"])
     acts = ActSpec(**qc["activations"]) if qc.get("activations") else None
     state = load_file(str(path / WEIGHTS_FILE))
+    storage = dict(qc.get("storage") or {})
+    vq = (
+        VQSpec(**{k: v for k, v in storage.items() if k != "format"})
+        if storage.get("format") == "vq"
+        else None
+    )
     for name in qc["modules"]:
         linear = model.get_submodule(name)
         # Low-rank factors and an online rotation are optional per layer: their presence and
         # shapes say the rank and the rotation's factor sizes.
         lr_a = state.get(f"{name}.lr_a")
         rot = state.get(f"{name}.rot_left"), state.get(f"{name}.rot_right")
+        rot_sizes = None if rot[0] is None else (len(rot[0]), len(rot[1]))
+        if vq is not None:
+            layer = VQLinear(
+                linear.in_features,
+                linear.out_features,
+                vq,
+                bias=f"{name}.bias" in state,
+                act_spec=acts,
+                rotation_sizes=rot_sizes,
+            )
+            replace_module(model, name, layer)
+            continue
         layer = QuantLinear(
             linear.in_features,
             linear.out_features,
@@ -188,7 +208,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             factor_bits=16 if lr_a is None or lr_a.is_floating_point() else 8,
             act_spec=acts,
             lowrank_raw=qc.get("lowrank_input") == "raw",
-            rotation_sizes=None if rot[0] is None else (len(rot[0]), len(rot[1])),
+            rotation_sizes=rot_sizes,
         )
         replace_module(model, name, layer)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -111,6 +111,12 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 default=None,
                 help="Per-token dynamic activation bits (8: W4A8, 4: W4A4; 16 turns it off).",
             ),
+            click.option(
+                "--epochs",
+                type=click.IntRange(0),
+                default=None,
+                help="Training epochs per block of a learned recipe (omniquant, lsi, sde, sde-cll).",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -163,6 +169,7 @@ def quantize(
         symmetric=opts["symmetric"],
         rank=opts["rank"],
         act_bits=opts["act_bits"],
+        epochs=opts["epochs"],
         device=opts["device"],
         batch_size=opts["batch_size"],
         progress=not no_progress,
@@ -274,6 +281,7 @@ def demo(
         symmetric=scheme["symmetric"],
         rank=scheme["rank"],
         act_bits=scheme["act_bits"],
+        epochs=scheme["epochs"],
         eval_windows=windows,
         calib_windows=calib_windows,
         progress=not no_progress,

@@ -34,6 +34,7 @@ def run_demo(
     symmetric: bool | None = None,
     rank: int | float | None = None,
     act_bits: int | None = None,
+    epochs: int | None = None,
     eval_windows: int = 16,
     calib_windows: int = 32,
     eval_data: str | None = None,
@@ -57,6 +58,7 @@ def run_demo(
             symmetric=symmetric,
             rank=rank,
             act_bits=act_bits,
+            epochs=epochs,
             inplace=True,
             progress=progress,
         )

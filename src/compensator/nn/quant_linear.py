@@ -206,9 +206,12 @@ def replace_module(root: nn.Module, dotted_name: str, new: nn.Module) -> None:
 
 
 def bits_per_weight(model: nn.Module) -> float | None:
-    """Stored bits per quantized weight over all ``QuantLinear`` layers, counting codes,
-    scales, zero points and low-rank factors (None when there is no QuantLinear)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """Stored bits per quantized weight over all quantized layers (``QuantLinear``, and any
+    layer reporting ``storage_bits``, e.g. ``VQLinear``), counting codes, scales, zero points,
+    codebooks and low-rank factors (None when there is none)."""
+    layers = [
+        m for m in model.modules() if hasattr(m, "storage_bits") and hasattr(m, "in_features")
+    ]
     if not layers:
         return None
     return sum(m.storage_bits() for m in layers) / sum(

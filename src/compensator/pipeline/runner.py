@@ -22,9 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compensator.correctors.lowrank import LowRank
+from compensator.learn.blockwise import BlockInputs, learn_block
+from compensator.learn.learners import Fixed
 from compensator.models.adapter import ModelAdapter
 from compensator.nn.quant_linear import QuantLinear, replace_module
 from compensator.nn.rotated import input_rotation, rotate_input
+from compensator.nn.vq_linear import VQLinear
 from compensator.pipeline.stats import LinearStats, StatsAccumulator
 from compensator.pipeline.streams import (
     Stream,
@@ -33,7 +36,8 @@ from compensator.pipeline.streams import (
     run_block,
 )
 from compensator.quant.act import ActSpec
-from compensator.quant.spec import QuantizedWeight
+from compensator.quant.spec import QuantizedWeight, QuantParams
+from compensator.quant.vq import VQWeight
 from compensator.recipes.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -50,20 +54,25 @@ class PipelineReport:
             "forward": 0.0,
             "statistics": 0.0,
             "solve": 0.0,
+            "train": 0.0,
             "total": 0.0,
         }
     )
     blocks: int = 0
+    train: list[dict[str, Any]] = field(default_factory=list)  # per block, learned recipes
     quantized_layers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         seconds = dict(self.seconds)
         seconds["forward"] -= seconds["statistics"]  # timed nested inside the passes
-        return {
+        out: dict[str, Any] = {
             "seconds": seconds,
             "blocks": self.blocks,
             "layers": len(self.quantized_layers),
         }
+        if self.train:
+            out["train"] = self.train
+        return out
 
 
 class _Timer:
@@ -176,16 +185,29 @@ def _shared_input_sets(
     return list(sets.values())
 
 
+def _stacked_params(params: list[Fixed | None]) -> Fixed | None:
+    """Learned group parameters of Linears rounded as one stacked matrix (rows concatenated)."""
+    if all(p is None for p in params):
+        return None
+    if len(params) == 1:
+        return params[0]
+    uniform = [p for p in params if isinstance(p, QuantParams)]
+    if len(uniform) != len(params):
+        raise ValueError("learned parameters must cover every Linear sharing an input")
+    return QuantParams(torch.cat([p.scale for p in uniform]), torch.cat([p.zero for p in uniform]))
+
+
 def _round_group(
     block: nn.Module,
     group: list[tuple[str, nn.Linear]],
     stats: dict[str, LinearStats] | None,
     recipe: Recipe,
+    learned: dict[str, Fixed | None] | None = None,
 ) -> None:
     rounder, correctors = recipe.rounder, recipe.correctors
     spec = recipe.scheme.weights
     joint = next((c for c in correctors if c.joint), None)
-    rounded: dict[str, QuantizedWeight] = {}
+    rounded: dict[str, QuantizedWeight | VQWeight] = {}
     lowranks: dict[str, LowRank | None] = {}
     if joint is not None:  # it chooses both, one Linear at a time
         for name, linear in group:
@@ -197,9 +219,16 @@ def _round_group(
         for members in _shared_input_sets(group, stats, rounder.rows_independent):
             weights = [linear.weight.data for _, linear in members]
             layer_stats = None if stats is None else stats[members[0][0]]
+            params = _stacked_params([(learned or {}).get(n) for n, _ in members])
             qw = rounder.round(
-                torch.cat(weights) if len(weights) > 1 else weights[0], layer_stats, spec
+                torch.cat(weights) if len(weights) > 1 else weights[0],
+                layer_stats,
+                spec,
+                **({} if params is None else {"params": params}),
             )
+            if len(members) == 1:
+                rounded[members[0][0]] = qw
+                continue
             start = 0
             for (name, _), w in zip(members, weights, strict=True):
                 rounded[name] = qw.rows(start, start + w.shape[0])
@@ -213,14 +242,21 @@ def _round_group(
                 )
     for name, linear in group:
         bias = None if linear.bias is None else linear.bias.data
-        layer = QuantLinear.from_quantized(
-            rounded[name],
-            bias,
-            lowrank=lowranks[name],
-            act_spec=recipe.scheme.activations,
-            lowrank_raw=recipe.lowrank_input == "raw",
-            rotation=input_rotation(linear),
-        )
+        r = rounded[name]
+        layer: nn.Module
+        if isinstance(r, VQWeight):  # the recipe validator keeps correctors off VQ
+            layer = VQLinear.from_vq(
+                r, bias, act_spec=recipe.scheme.activations, rotation=input_rotation(linear)
+            )
+        else:
+            layer = QuantLinear.from_quantized(
+                r,
+                bias,
+                lowrank=lowranks[name],
+                act_spec=recipe.scheme.activations,
+                lowrank_raw=recipe.lowrank_input == "raw",
+                rotation=input_rotation(linear),
+            )
         replace_module(block, name, layer)
 
 
@@ -254,6 +290,9 @@ def run_pipeline(
         )
     needs_data = bool(stat_names) or keep_fp
     storage = torch.device("cpu")
+    learners = recipe.learners
+    if learners:  # one stored calibration batch is one optimizer step
+        batch_size = recipe.trainer.batch_size
 
     q_stream = fp_stream = None
     block_kwargs: list[list[dict[str, Any]]] = []
@@ -291,6 +330,23 @@ def run_pipeline(
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fp_low)
                 with autocast:
                     fp_inputs, fp_out = _fp_pass(block, all_names, fp_stream, device, storage)
+        learned = None
+        if learners:
+            assert fp_stream is not None and fp_out is not None and fp_inputs is not None
+            with _Timer(report, "train"):
+                nxt = block_kwargs[i + 1] if i + 1 < len(blocks) else None
+                inputs = BlockInputs(q_stream, fp_stream, fp_out, fp_inputs, nxt)
+                learned, trained = learn_block(
+                    block, i, blocks, adapter, recipe, inputs, device, storage
+                )
+            report.train.append(
+                {
+                    "block": i,
+                    "seconds": trained.seconds,
+                    "initial_loss": trained.initial_loss,
+                    "final_loss": trained.final_loss,
+                }
+            )
         for group in groups:
             stats = None
             if needs_data:
@@ -307,7 +363,7 @@ def run_pipeline(
                         recipe.scheme.activations,
                     )
             with _Timer(report, "solve"):
-                _round_group(block, group, stats, recipe)
+                _round_group(block, group, stats, recipe, learned)
             report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]
         if needs_data:
             with _Timer(report, "forward"):
@@ -318,18 +374,25 @@ def run_pipeline(
         del fp_inputs
         report.blocks += 1
         dt = time.perf_counter() - t_block
-        bar.set_postfix(block_s=f"{dt:.1f}")
+        if report.train and report.train[-1]["block"] == i:
+            t = report.train[-1]
+            bar.set_postfix(
+                block_s=f"{dt:.1f}", loss=f"{t['initial_loss']:.3g}->{t['final_loss']:.3g}"
+            )
+        else:
+            bar.set_postfix(block_s=f"{dt:.1f}")
         log.debug("block %d quantized in %.2fs", i, dt)
     report.seconds["total"] = time.perf_counter() - t_start
     log.info(
         "quantized %d layers in %d blocks in %.1fs (capture %.1fs, forward passes %.1fs, "
-        "statistics %.1fs, rounding maths %.1fs)",
+        "statistics %.1fs, training %.1fs, rounding maths %.1fs)",
         len(report.quantized_layers),
         report.blocks,
         report.seconds["total"],
         report.seconds["capture"],
         report.seconds["forward"] - report.seconds["statistics"],
         report.seconds["statistics"],
+        report.seconds["train"],
         report.seconds["solve"],
     )
     return report

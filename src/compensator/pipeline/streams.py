@@ -30,15 +30,15 @@ class Stream:
         return Stream(hidden, self.kwargs)
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [to_device(v, device) for v in value]
     if isinstance(value, tuple):
-        moved = [_to(v, device) for v in value]
+        moved = [to_device(v, device) for v in value]
         return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
     return value
 
@@ -82,7 +82,7 @@ def capture_block_inputs(
                 hidden.append(h.to(storage))
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
             kw["use_cache"] = False
-            per_block[index].append(_to(kw, storage))
+            per_block[index].append(to_device(kw, storage))
             if index == len(blocks) - 1:
                 raise StopForward
             return h
@@ -112,7 +112,7 @@ def run_block(
     block: nn.Module, stream: Stream, device: torch.device, storage: torch.device
 ) -> list[torch.Tensor]:
     return [
-        block_output(block(h.to(device), **_to(kw, device))).to(storage)
+        block_output(block(h.to(device), **to_device(kw, device))).to(storage)
         for h, kw in zip(stream.hidden, stream.kwargs, strict=True)
     ]
 
@@ -139,7 +139,7 @@ def capture_linear_inputs(
 
     handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
-        block(hidden.to(device), **_to(kwargs, device))
+        block(hidden.to(device), **to_device(kwargs, device))
     except StopForward:
         pass
     finally:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from compensator.errors import CompensatorError
 from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
-from compensator.steps import STEPS, CorrectorStep, StepConfig, TransformStep
+from compensator.steps import STEPS, CorrectorStep, LearnerStep, StepConfig, TransformStep
+from compensator.steps.learned import TrainStep
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -72,7 +73,66 @@ class Recipe(BaseModel):
                 f"{joint[0].name} re-runs the rounder on its own target and Hessian, so it "
                 f"composes with rtn or plain gptq; {self.rounder.name} also needs {sorted(extra)}"
             )
+        self._check_learners()
         return self
+
+    def _check_learners(self) -> None:
+        roles = [s.role for s in self.learners]
+        if len(roles) != len(set(roles)):
+            names = [s.name for s in self.learners]
+            raise ValueError(
+                f"learned steps {names} overlap: take at most one of lwc/ssvq, let, lsi/sde"
+            )
+        trainers = [s for s in self.steps if isinstance(s, TrainStep)]
+        if len(trainers) > 1:
+            raise ValueError("a recipe takes at most one train step")
+        if trainers and not self.learners:
+            raise ValueError("a train step needs a learned step (lwc, let, lsi or sde) to train")
+        storage = self.rounder.storage() or {}
+        fmt = storage.get("format", "uniform")
+        if fmt != "uniform" and self.correctors:
+            raise ValueError(f"{self.rounder.name} layers take no low-rank corrector yet")
+        for s in self.learners:
+            if s.weight_format != fmt:
+                raise ValueError(
+                    f"{s.name} learns for {s.weight_format} weights but the rounder "
+                    f"{self.rounder.name} stores {fmt} ones"
+                )
+        if not self.learners:
+            return
+        rounder = self.rounder
+        if not getattr(rounder, "accepts_params", False) or rounder.needs_fp_stream():
+            raise ValueError(
+                f"learned steps fold into the block before rounding and hand it their "
+                f"clipping, so they compose with rtn or plain gptq, not {rounder.name}"
+                + (" with asymmetric calibration" if rounder.needs_fp_stream() else "")
+            )
+        if any(c.joint for c in self.correctors):
+            raise ValueError("learned steps do not compose with a joint corrector (lrc) yet")
+
+    @property
+    def learners(self) -> list[LearnerStep]:
+        return [s for s in self.steps if isinstance(s, LearnerStep)]
+
+    @property
+    def trainer(self) -> TrainStep:
+        """The train settings (defaults when the recipe has learned steps but no train step)."""
+        return next((s for s in self.steps if isinstance(s, TrainStep)), TrainStep())
+
+    def with_epochs(self, epochs: int | None) -> Recipe:
+        """The same recipe trained for ``epochs`` per block (None: unchanged)."""
+        if epochs is None:
+            return self
+        if not self.learners:
+            raise CompensatorError(
+                f"--epochs needs a learned recipe (omniquant, lsi, sde, sde-cll or one with "
+                f"lwc/let/lsi/sde steps); {self.name or 'this recipe'} has none"
+            )
+        if epochs < 0:
+            raise CompensatorError(f"--epochs {epochs} is not valid: use >= 0")
+        trainer = self.trainer.model_copy(update={"epochs": epochs})
+        steps = [s for s in self.steps if not isinstance(s, TrainStep)] + [trainer]
+        return self.model_copy(update={"steps": steps})
 
     @property
     def rounder(self) -> StepConfig:

@@ -108,6 +108,7 @@ def gptq(
     beta: float = 1.0,
     lazy_source: LazySource = "current",
     asymmetric_form: AsymmetricForm = "neuron",
+    params: QuantParams | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` [out, in] given the input Hessian ``h`` = X X^T [in, in] (any positive scale).
 
@@ -133,6 +134,8 @@ def gptq(
     algorithm), that value clamped to the column's quantization range (``clamped``), or the
     rounded value (``quantized``, as the GPTAQ reference code does). Inside a block the
     pre-rounding value is always used.
+
+    Fixed ``params`` (learned clipping) are used as static group parameters.
 
     Works in the dtype of ``h`` (float32 in the pipeline, float64 in exactness tests).
     """
@@ -173,9 +176,10 @@ def gptq(
         extras = False
 
     n_groups = spec.n_groups(cols)
-    if group_params == "static":
-        unperm = wd if perm is None else wd[:, torch.argsort(perm)]
-        params = fit_params(unperm, spec, clip_search=clip_search)
+    if params is not None or group_params == "static":
+        if params is None:
+            unperm = wd if perm is None else wd[:, torch.argsort(perm)]
+            params = fit_params(unperm, spec, clip_search=clip_search)
         scale, zero = params.scale.to(dtype), params.zero.to(dtype)
         fitted = [True] * n_groups
     else:

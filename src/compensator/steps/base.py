@@ -6,14 +6,16 @@ pipeline never branches on method names, it asks each step what it is (``kind``)
 it needs (``stats``, ``needs_fp_stream``).
 
 Kinds, applied in this order inside one block:
-  transform  function-preserving changes of the FP block (rotations, scales)
+  transform  function-preserving changes of the FP model (rotations)
+  learner    parameters trained per block against the FP block, folded into its weights
+             (LWC clipping, LET scales, LSI/SDE singular values); ``trainer`` sets how
   rounder    chooses the quantized weight of each Linear from its input statistics
   corrector  adds full-precision terms after rounding (low-rank error repair)
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,11 +24,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compensator.correctors.lowrank import LowRank
+    from compensator.learn.learners import LearnContext, Learner
     from compensator.models.adapter import ModelAdapter
     from compensator.pipeline.stats import LinearStats
-    from compensator.quant.spec import QuantizedWeight, QuantSpec
+    from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
 
-StepKind = Literal["transform", "rounder", "corrector"]
+StepKind = Literal["transform", "learner", "trainer", "rounder", "corrector"]
 
 
 class StepConfig(BaseModel):
@@ -60,17 +63,42 @@ class TransformStep(StepConfig):
         raise NotImplementedError
 
 
+class LearnerStep(StepConfig):
+    """A parametrization trained block by block (compensator.learn), then folded away."""
+
+    kind: ClassVar[StepKind] = "learner"
+    role: ClassVar[str]  # one step per role: quantizer, transform, weights
+    order: ClassVar[int]  # application order of the learners' transforms
+    weight_format: ClassVar[str] = "uniform"  # the rounder storage it trains for
+
+    def needs_fp_stream(self) -> bool:
+        return True  # the training target is the FP block's output
+
+    def build(self, ctx: LearnContext) -> Learner:
+        raise NotImplementedError
+
+
 class RounderStep(StepConfig):
     kind: ClassVar[StepKind] = "rounder"
     # Rows (output channels) are rounded independently given the input statistics, so
     # Linears fed the same input (q/k/v, gate/up) can be rounded as one stacked matrix:
     # the same result, with one pass over the columns instead of one per Linear.
     rows_independent: ClassVar[bool] = True
+    # Whether ``round`` honours fixed per-group ``params`` (learned clipping, LWC).
+    accepts_params: ClassVar[bool] = False
 
     def round(
-        self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
+        self,
+        weight: torch.Tensor,
+        stats: LinearStats | None,
+        spec: QuantSpec,
+        params: QuantParams | None = None,
     ) -> QuantizedWeight:
         raise NotImplementedError
+
+    def storage(self) -> dict[str, Any] | None:
+        """How layers are stored when not on the scheme's uniform grid (checkpoint config)."""
+        return None
 
 
 class CorrectorStep(StepConfig):

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from compensator.pipeline.stats import LinearStats
-from compensator.quant.spec import QuantizedWeight, QuantSpec
+from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
 from compensator.rounders.gptq import AsymmetricForm, LazySource, gptq
 from compensator.steps.base import RounderStep, register_step
 
@@ -19,6 +19,7 @@ class GPTQStep(RounderStep):
     adds ResComp's term aligning every step with the original weights' output."""
 
     name: ClassVar[str] = "gptq"
+    accepts_params: ClassVar[bool] = True
     damp: float = Field(0.01, gt=0, le=1, description="fraction of mean(diag H) added to H")
     block_size: int = Field(128, ge=1)
     act_order: bool = True
@@ -59,7 +60,11 @@ class GPTQStep(RounderStep):
         return self.fp_precision == "bfloat16"
 
     def round(
-        self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
+        self,
+        weight: torch.Tensor,
+        stats: LinearStats | None,
+        spec: QuantSpec,
+        params: QuantParams | None = None,
     ) -> QuantizedWeight:
         assert stats is not None and stats.hessian is not None
         return gptq(
@@ -77,4 +82,5 @@ class GPTQStep(RounderStep):
             compensation_aware=self.compensation_aware,
             beta=self.beta,
             lazy_source=self.lazy_source,
+            params=params,
         )

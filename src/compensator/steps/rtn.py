@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from compensator.pipeline.stats import LinearStats
-from compensator.quant.spec import QuantizedWeight, QuantSpec
+from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
 from compensator.rounders.rtn import rtn
 from compensator.steps.base import RounderStep, register_step
 
@@ -15,9 +15,14 @@ from compensator.steps.base import RounderStep, register_step
 @register_step
 class RTNStep(RounderStep):
     name: ClassVar[str] = "rtn"
+    accepts_params: ClassVar[bool] = True
     clip_search: bool = False
 
     def round(
-        self, weight: torch.Tensor, stats: LinearStats | None, spec: QuantSpec
+        self,
+        weight: torch.Tensor,
+        stats: LinearStats | None,
+        spec: QuantSpec,
+        params: QuantParams | None = None,
     ) -> QuantizedWeight:
-        return rtn(weight, spec, clip_search=self.clip_search)
+        return rtn(weight, spec, clip_search=self.clip_search, params=params)

@@ -1,0 +1,106 @@
+"""Vector quantization on SmolLM2-135M (DESIGN quick protocol): plain VQ and SSVQ near 2 and
+3 effective bits per weight, with GPTQ at W2A16 g64 / W3A16 g128 for reference.
+
+    export COMPENSATOR_DATA=../shared/data
+    python benchmarks/vq.py --name vq --epochs 2
+    python benchmarks/vq.py --name vq --resume --rows ssvq-2bit
+
+Effective bits count indices, sign bits, fp16 codebooks and row scales (VQ) or codes, fp16
+scales and zero points (GPTQ). SSVQ rows train --epochs passes per block (batch 2 windows).
+Writes benchmarks/results/NAME.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import common
+
+ROWS: dict[str, tuple[str, str | dict[str, Any]]] = {
+    "gptq-w2": (
+        "GPTQ W2A16 g64",
+        {"scheme": {"weights": {"bits": 2, "group_size": 64}}, "steps": [{"gptq": {}}]},
+    ),
+    "vq-2bit": ("VQ d4, 256 codewords", "vq-2bit"),
+    "ssvq-2bit": ("SSVQ d8, 256 magnitude codewords + sign bits", "ssvq-2bit"),
+    "gptq-w3": (
+        "GPTQ W3A16 g128",
+        {"scheme": {"weights": {"bits": 3, "group_size": 128}}, "steps": [{"gptq": {}}]},
+    ),
+    "vq-3bit": ("VQ d3, 512 codewords", "vq-3bit"),
+    "ssvq-3bit": ("SSVQ d4, 256 magnitude codewords + sign bits", "ssvq-3bit"),
+}
+
+
+def recipe(row: str, epochs: int) -> Any:
+    from compensator.recipes import Recipe, load_recipe
+
+    spec = ROWS[row][1]
+    r = load_recipe(spec) if isinstance(spec, str) else Recipe.model_validate({"name": row, **spec})
+    return r.with_epochs(epochs) if r.learners else r
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p = result["protocol"]
+    lines = [
+        f"# {p['model']}: vector quantization (VQ, SSVQ) vs GPTQ",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Eval: {p['eval']}, {p['eval_windows']} windows; calibration: {p['calibration']}; "
+        f"{p['threads']} CPU threads. FP ppl {p['fp_ppl']:.2f}. SSVQ: {p['epochs']} epochs "
+        "per block. Bits per weight include codebooks, row scales and sign bits (VQ) or "
+        "scales and zero points (GPTQ).",
+        "",
+        *([result["note"], ""] if result.get("note") else []),
+        "| row | ppl | KL | bits/weight | quantize s | train s/block |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        tpb = r.get("train_seconds_per_block")
+        lines.append(
+            f"| {ROWS[r['row']][0]} | {r['ppl']:,.2f} | {r['kl']:.4f} | "
+            f"{r['bits_per_weight']:.3f} | {r['seconds']:.1f} | "
+            f"{'' if tpb is None else f'{tpb:.1f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="vq", help="results file stem")
+    ap.add_argument("--resume", action="store_true", help="keep the rows in NAME.json")
+    args = ap.parse_args()
+    unknown = set(args.rows.split(",")) - ROWS.keys()
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
+
+    bench = common.setup(
+        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
+    )
+    bench.protocol["epochs"] = args.epochs
+    result = common.new_result(bench, "vq.py")
+    result["rows"] = common.previous_rows(args.name, args.resume)
+    done = {r["row"] for r in result["rows"]}
+    for row in args.rows.split(","):
+        if row in done:
+            continue
+        entry = {"row": row, **common.run_row(bench, recipe(row, args.epochs))}
+        result["rows"].append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k != "block_loss"}), flush=True)
+        common.write(args.name, result, markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

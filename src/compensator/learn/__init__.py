@@ -1,0 +1,2 @@
+"""Block-wise learned quantization: a few parameters per block trained so that the quantized
+block reproduces the FP block, then folded into plain weights (OmniQuant LWC/LET, LSI, SDE)."""

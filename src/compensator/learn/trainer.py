@@ -1,0 +1,214 @@
+"""The block trainer: learners' parameters trained so the fake-quantized block on the
+quantized stream reproduces the FP block's output, then folded into the block's weights.
+
+Loss per step: MSE(quantized block(q input), FP output)
+  + ``fp_input_weight`` * MSE(quantized block(FP input), FP output)
+  + ``cross_layer`` * MSE(FP next block(quantized output), FP output two blocks ahead)
+  + the learners' penalties.
+Weights are fake-quantized with straight-through rounding (LWC's clipping when present,
+else plain min/max) and activations too when the scheme quantizes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from compensator.learn.learners import Learner, Tensors
+from compensator.learn.lwc import lwc_fake_quantize
+from compensator.learn.ste import quantize_activations_ste
+from compensator.nn.rotated import rotate_input
+from compensator.pipeline.streams import block_output, to_device
+from compensator.quant.act import ActSpec
+from compensator.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    weight_decay: float = 0.0
+    cross_layer: float = 0.0
+    fp_input_weight: float = 0.0
+    seed: int = 0
+    grad_clip: float | None = None
+
+
+@dataclass
+class BlockData:
+    """One block's training data, one entry per batch (the pipeline's calibration batches)."""
+
+    q_hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    target: list[torch.Tensor]
+    fp_hidden: list[torch.Tensor] | None = None
+    next_block: nn.Module | None = None
+    next_kwargs: list[dict[str, Any]] | None = None
+    next_target: list[torch.Tensor] | None = None
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean block loss per epoch
+    initial_loss: float = float("nan")
+    final_loss: float = float("nan")  # measured after the last step, like initial_loss
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def effective(
+    learners: list[Learner], base: Tensors, linears: list[str], spec: QuantSpec
+) -> Tensors:
+    """The block's tensors after every learner, with each Linear weight fake-quantized."""
+    t = base
+    for lr in learners:
+        t = lr.transform(t)
+    t = dict(t)
+    for name in linears:
+        q = next((q for lr in learners if (q := lr.quantized(name)) is not None), None)
+        if q is not None:
+            t[f"{name}.weight"] = q
+            continue
+        clip = next((c for lr in learners if (c := lr.clipping(name)) is not None), None)
+        gamma, beta = clip if clip is not None else (None, None)
+        t[f"{name}.weight"] = lwc_fake_quantize(t[f"{name}.weight"], spec, gamma, beta)
+    return t
+
+
+@contextmanager
+def _quantized_inputs(block: nn.Module, linears: list[str], act: ActSpec | None) -> Iterator[None]:
+    """Swap each Linear's forward for one that quantizes its (rotated) input, STE gradient."""
+    if act is None:
+        yield
+        return
+    mods = [block.get_submodule(n) for n in linears]
+
+    def forward_of(m: nn.Module) -> Any:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(quantize_activations_ste(rotate_input(m, x), act), m.weight, m.bias)
+
+        return forward
+
+    for m in mods:
+        m.forward = forward_of(m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
+
+
+@contextmanager
+def _frozen(*modules: nn.Module | None) -> Iterator[None]:
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+def train_block(
+    block: nn.Module,
+    learners: list[Learner],
+    linears: list[str],
+    data: BlockData,
+    spec: QuantSpec,
+    act: ActSpec | None,
+    settings: TrainSettings,
+    device: torch.device,
+) -> TrainResult:
+    """Train the learners of ``block`` in place (the block's own weights are not touched)."""
+    result = TrainResult()
+    t0 = time.perf_counter()
+    groups = [g for lr in learners for g in lr.param_groups()]
+    base = {n: p.detach() for n, p in block.named_parameters()}
+    n_batches = len(data.q_hidden)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.AdamW(groups, weight_decay=settings.weight_decay) if groups else None
+    cross = settings.cross_layer if data.next_block is not None else 0.0
+
+    def loss_of(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = effective(learners, base, linears, spec)
+        kw = to_device(data.kwargs[b], device)
+        target = data.target[b].to(device)
+        with autocast:
+            out = block_output(functional_call(block, t, (data.q_hidden[b].to(device),), kw))
+            block_loss = F.mse_loss(out.float(), target.float())
+            loss = block_loss
+            if settings.fp_input_weight and data.fp_hidden is not None:
+                out_fp = block_output(
+                    functional_call(block, t, (data.fp_hidden[b].to(device),), kw)
+                )
+                loss = loss + settings.fp_input_weight * F.mse_loss(out_fp.float(), target.float())
+            if cross and data.next_block is not None:
+                assert data.next_kwargs is not None and data.next_target is not None
+                nxt = block_output(data.next_block(out, **to_device(data.next_kwargs[b], device)))
+                target2 = data.next_target[b].to(device).float()
+                loss = loss + cross * F.mse_loss(nxt.float(), target2)
+        for lr in learners:
+            pen = lr.penalty()
+            if pen is not None:
+                loss = loss + pen
+        return loss, block_loss.detach()
+
+    def mean_block_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(b)[1]) for b in range(n_batches)) / n_batches
+
+    with _frozen(block, data.next_block), _quantized_inputs(block, linears, act):
+        result.initial_loss = mean_block_loss()
+        if opt is None or settings.epochs == 0:
+            result.final_loss = result.initial_loss
+            result.seconds = time.perf_counter() - t0
+            return result
+        total_steps = settings.epochs * n_batches
+        with torch.enable_grad():
+            for _ in range(settings.epochs):
+                total = 0.0
+                for b in torch.randperm(n_batches, generator=gen).tolist():
+                    loss, block_loss = loss_of(b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if settings.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for g in groups for p in g["params"]], settings.grad_clip
+                        )
+                    opt.step()
+                    total += float(block_loss)
+                    result.steps += 1
+                    for lr in learners:
+                        lr.after_step(result.steps, total_steps)
+                result.losses.append(total / n_batches)
+        result.final_loss = mean_block_loss()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def fold(block: nn.Module, learners: list[Learner]) -> Tensors:
+    """Write the learners' transforms into the block's parameters (no quantization); returns
+    the folded tensors."""
+    base = {n: p.detach() for n, p in block.named_parameters()}
+    t = base
+    for lr in learners:
+        t = lr.transform(t)
+    params = dict(block.named_parameters())
+    for name, value in t.items():
+        if value is not base[name]:
+            params[name].data.copy_(value.to(params[name].dtype))
+    return t
