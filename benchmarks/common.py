@@ -4,12 +4,14 @@ and ``--resume`` skips them)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,3 +119,45 @@ def write(name: str, result: dict[str, Any], markdown: str) -> None:
         tmp = RESULTS / f".{name}{suffix}.tmp"
         tmp.write_text(text)
         tmp.replace(RESULTS / f"{name}{suffix}")
+
+
+def parser(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (protocol, threads, results file)."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default=name, help="results file stem")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the rows already in NAME.json, run the rest"
+    )
+    return ap
+
+
+def setup_from(args: argparse.Namespace) -> Bench:
+    return setup(args.model, args.calib, args.calib_windows, args.eval_windows, args.threads)
+
+
+def run_jobs(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    jobs: list[tuple[Any, ...]],
+    key: Callable[[dict[str, Any]], tuple[Any, ...]],
+    run: Callable[..., dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Run every job not already in the results (``--resume``), rewriting the results files
+    after each row so an interruption keeps what was measured."""
+    result["rows"] = previous_rows(args.name, args.resume)
+    done = {key(r) for r in result["rows"]}
+    for job in jobs:
+        if job in done:
+            continue
+        row = run(*job)
+        result["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "block_loss"}), flush=True)
+        write(args.name, result, markdown(result))

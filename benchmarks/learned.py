@@ -15,8 +15,6 @@ topics, a different domain from the calibration text). Writes benchmarks/results
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import common
@@ -100,19 +98,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = common.parser(__doc__, "learned")
     ap.add_argument("--rows", default="gptq,lwc,omniquant,sde,lsi,sde-cll")
     ap.add_argument("--schemes", default="W2A16 g64")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--calib", default="wikitext2-valid")
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="learned", help="results file stem")
-    ap.add_argument("--resume", action="store_true", help="keep the rows in NAME.json")
     args = ap.parse_args()
     unknown = (
         set(args.rows.split(",")) - ROWS.keys() or set(args.schemes.split(",")) - SCHEMES.keys()
@@ -123,31 +112,24 @@ def main() -> None:
     from compensator.data import load_eval_windows
     from compensator.evaluate import evaluate
 
-    bench = common.setup(
-        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
-    )
+    bench = common.setup_from(args)
     embedded = load_eval_windows(bench.fp.tokenizer, "embedded", 512, args.eval_windows or None)
     bench.protocol["embedded_windows"] = int(embedded.shape[0])
     bench.protocol["fp_ppl_embedded"] = evaluate(bench.fp.model, embedded, progress=False).ppl
     bench.protocol["epochs"] = args.epochs
     result = common.new_result(bench, "learned.py")
-    result["rows"] = common.previous_rows(args.name, args.resume)
-    done = {(r["row"], r["scheme"]) for r in result["rows"]}
-    for scheme in args.schemes.split(","):
-        for row in args.rows.split(","):
-            if (row, scheme) in done:
-                continue
-            entry = {
-                "row": row,
-                "scheme": scheme,
-                "epochs": args.epochs if len(ROWS[row][1]) > 1 else 0,
-                **common.run_row(
-                    bench, recipe(row, scheme, args.epochs), extra_eval={"embedded": embedded}
-                ),
-            }
-            result["rows"].append(entry)
-            print(json.dumps({k: v for k, v in entry.items() if k != "block_loss"}), flush=True)
-            common.write(args.name, result, markdown(result))
+
+    def run(row: str, scheme: str) -> dict[str, Any]:
+        r = recipe(row, scheme, args.epochs)
+        return {
+            "row": row,
+            "scheme": scheme,
+            "epochs": r.trainer.epochs if r.learners else 0,
+            **common.run_row(bench, r, extra_eval={"embedded": embedded}),
+        }
+
+    jobs = [(row, s) for s in args.schemes.split(",") for row in args.rows.split(",")]
+    common.run_jobs(args, result, jobs, lambda r: (r["row"], r["scheme"]), run, markdown)
     print(markdown(result))
 
 

@@ -13,8 +13,6 @@ Writes benchmarks/results/NAME.{json,md} and NAME.png (ppl against bits per weig
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -93,31 +91,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = common.parser(__doc__, "lowrank")
     ap.add_argument("--methods", default="rtn-lqer,rtn-l2qer,gptq-l2qer")
     ap.add_argument("--references", default="rtn,gptq", help="plain rounders per scheme")
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
-    ap.add_argument("--calib", default="wikitext2-valid")
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="lowrank", help="results file stem")
-    ap.add_argument(
-        "--resume", action="store_true", help="keep the rows already in NAME.json, run the rest"
-    )
     args = ap.parse_args()
 
-    bench = common.setup(
-        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
-    )
+    bench = common.setup_from(args)
     ranks = [int(r) for r in args.ranks.split(",") if r]
     result = common.new_result(bench, "lowrank.py", ranks=ranks)
-    result["rows"] = common.previous_rows(args.name, args.resume)
-    done = {(r["method"], r["scheme"], r["rank"]) for r in result["rows"]}
     jobs = [
         (method, scheme, rank)
         for scheme in args.schemes.split(",")
@@ -127,13 +110,14 @@ def main() -> None:
         ]
         for rank in rank_list
     ]
-    for method, scheme, rank in jobs:
-        if (method, scheme, rank) in done:
-            continue
-        row = run_row(bench, method, scheme, rank)
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        common.write(args.name, result, markdown(result))
+    common.run_jobs(
+        args,
+        result,
+        jobs,
+        lambda r: (r["method"], r["scheme"], r["rank"]),
+        lambda m, s, k: run_row(bench, m, s, k),
+        markdown,
+    )
     plot(result, common.RESULTS / f"{args.name}.png")
     print(markdown(result))
 

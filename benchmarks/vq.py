@@ -12,8 +12,6 @@ Writes benchmarks/results/NAME.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import common
@@ -68,37 +66,23 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = common.parser(__doc__, "vq")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--calib", default="wikitext2-valid")
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="vq", help="results file stem")
-    ap.add_argument("--resume", action="store_true", help="keep the rows in NAME.json")
     args = ap.parse_args()
     unknown = set(args.rows.split(",")) - ROWS.keys()
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
 
-    bench = common.setup(
-        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
-    )
+    bench = common.setup_from(args)
     bench.protocol["epochs"] = args.epochs
     result = common.new_result(bench, "vq.py")
-    result["rows"] = common.previous_rows(args.name, args.resume)
-    done = {r["row"] for r in result["rows"]}
-    for row in args.rows.split(","):
-        if row in done:
-            continue
-        entry = {"row": row, **common.run_row(bench, recipe(row, args.epochs))}
-        result["rows"].append(entry)
-        print(json.dumps({k: v for k, v in entry.items() if k != "block_loss"}), flush=True)
-        common.write(args.name, result, markdown(result))
+
+    def run(row: str) -> dict[str, Any]:
+        return {"row": row, **common.run_row(bench, recipe(row, args.epochs))}
+
+    jobs = [(row,) for row in args.rows.split(",")]
+    common.run_jobs(args, result, jobs, lambda r: (r["row"],), run, markdown)
     print(markdown(result))
 
 

@@ -15,8 +15,6 @@ after rotation + GPTQ). Writes benchmarks/results/NAME.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import common
@@ -100,18 +98,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = common.parser(__doc__, "w4a4")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--schemes", default=",".join(SCHEMES))
-    ap.add_argument("--calib", default="wikitext2-valid")
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="w4a4", help="results file stem")
-    ap.add_argument("--resume", action="store_true", help="keep the rows in NAME.json")
     args = ap.parse_args()
     unknown = (
         set(args.rows.split(",")) - ROWS.keys() or set(args.schemes.split(",")) - SCHEMES.keys()
@@ -119,20 +108,14 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown rows or schemes {sorted(unknown)}; rows: {', '.join(ROWS)}")
 
-    bench = common.setup(
-        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads
-    )
+    bench = common.setup_from(args)
     result = common.new_result(bench, "w4a4.py")
-    result["rows"] = common.previous_rows(args.name, args.resume)
-    done = {(r["row"], r["scheme"]) for r in result["rows"]}
-    for scheme in args.schemes.split(","):
-        for row in args.rows.split(","):
-            if (row, scheme) in done:
-                continue
-            entry = {"row": row, "scheme": scheme, **common.run_row(bench, recipe(row, scheme))}
-            result["rows"].append(entry)
-            print(json.dumps(entry), flush=True)
-            common.write(args.name, result, markdown(result))
+
+    def run(row: str, scheme: str) -> dict[str, Any]:
+        return {"row": row, "scheme": scheme, **common.run_row(bench, recipe(row, scheme))}
+
+    jobs = [(row, s) for s in args.schemes.split(",") for row in args.rows.split(",")]
+    common.run_jobs(args, result, jobs, lambda r: (r["row"], r["scheme"]), run, markdown)
     print(markdown(result))
 
 

@@ -34,6 +34,45 @@ def tiny_llama(
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_qwen2(hidden: int = 96) -> PreTrainedModel:
+    """A tiny Qwen2: grouped-query attention with q/k/v biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3 // 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def first_block(model: torch.nn.Module, spec: object, vq: object = None):
+    """Block 0 of ``model`` with what a learner sees: (block, Linear names, LearnContext,
+    BlockData) for 4 random windows of 16 tokens, in 2 batches."""
+    from compensator.learn.blockwise import _input_stats
+    from compensator.learn.learners import LearnContext
+    from compensator.learn.trainer import BlockData
+    from compensator.models.adapter import get_adapter
+    from compensator.pipeline.runner import _fp_pass
+    from compensator.pipeline.streams import Stream, capture_block_inputs
+
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
+    cpu = torch.device("cpu")
+    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
+    block = blocks[0]
+    linears = adapter.linears(block)
+    fp_in, fp_out = _fp_pass(block, list(linears), Stream(hidden, kwargs[0]), cpu, cpu)
+    ctx = LearnContext(block, linears, spec, adapter.arch.rotation, *_input_stats(fp_in, cpu), vq)
+    return block, list(linears), ctx, BlockData(q_hidden=hidden, kwargs=kwargs[0], target=fp_out)
+
+
 def word_text(n_words: int, seed: int) -> str:
     rng = random.Random(seed)
     # A skewed word distribution gives the inputs some structure (non-isotropic Hessians).

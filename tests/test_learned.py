@@ -7,22 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import compensator as cp
 from compensator.errors import CompensatorError
-from compensator.learn.learners import LET, LWC, LearnContext, SingularValues
+from compensator.learn.learners import LET, LWC, SingularValues
 from compensator.learn.lwc import lwc_fake_quantize, lwc_params
 from compensator.learn.svd import delta_matrix, svd_factors, svd_weight
-from compensator.learn.trainer import BlockData, TrainSettings, effective, fold, train_block
-from compensator.models.adapter import get_adapter
+from compensator.learn.trainer import TrainSettings, effective, fold, train_block
 from compensator.models.loading import LoadedModel
 from compensator.nn import QuantLinear
 from compensator.pipeline.streams import block_output
 from compensator.quant.spec import QuantSpec, fake_quantize, fit_params
 from compensator.recipes import load_recipe
 from compensator.recipes.recipe import Recipe
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, first_block, tiny_llama, tiny_qwen2
 
 SPECS = [
     QuantSpec(bits=2, group_size=16),
@@ -70,37 +68,12 @@ def test_svd_fold_round_trip() -> None:
     torch.testing.assert_close(delta_matrix(ds, k, bands), m - torch.diag(f.s))
 
 
-def _block_setup(model: torch.nn.Module, spec: QuantSpec, n: int = 4, seqlen: int = 16):
-    """Block 0 of ``model``, its inputs, FP outputs and a learner context."""
-    from compensator.learn.blockwise import _input_stats
-    from compensator.pipeline.runner import _fp_pass
-    from compensator.pipeline.streams import Stream, capture_block_inputs
-
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    ids = torch.randint(3, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(7))
-    cpu = torch.device("cpu")
-    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
-    block = blocks[0]
-    linears = adapter.linears(block)
-    fp_in, fp_out = _fp_pass(block, list(linears), Stream(hidden, kwargs[0]), cpu, cpu)
-    ctx = LearnContext(block, linears, spec, adapter.arch.rotation, *_input_stats(fp_in, cpu))
-    data = BlockData(q_hidden=hidden, kwargs=kwargs[0], target=fp_out)
-    return block, list(linears), ctx, data
+def _block_setup(model: torch.nn.Module, spec: QuantSpec):
+    return first_block(model, spec)
 
 
 def _tiny_qwen2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = tiny_qwen2(hidden=64)
     for name, p in model.named_parameters():  # biases and norms away from their defaults
         if "bias" in name or "norm" in name:
             p.data = torch.rand(p.shape, generator=torch.Generator().manual_seed(9)) + 0.5
@@ -200,15 +173,19 @@ def _codes(qm) -> dict[str, torch.Tensor]:
     return {n: m.qweight.clone() for n, m in qm.model.named_modules() if isinstance(m, QuantLinear)}
 
 
-@pytest.mark.parametrize("rounder", ["rtn", "gptq"])
+@pytest.mark.parametrize("rounder", ["rtn", "gptq", "gptaq"])
 @pytest.mark.parametrize("learner", ["lsi", "sde"])
 def test_zero_epochs_reproduces_the_base_rounder(rounder: str, learner: str) -> None:
-    base = Recipe(steps=[{rounder: {}}], scheme={"weights": {"bits": 3}})
+    step = {"gptq": {"asymmetric": True}} if rounder == "gptaq" else {rounder: {}}
+    base = Recipe(steps=[step], scheme={"weights": {"bits": 3}})
     learned = Recipe(
-        steps=[{learner: {}}, {"train": {"epochs": 0}}, {rounder: {}}],
+        steps=[{learner: {}}, {"train": {"epochs": 0}}, step],
         scheme={"weights": {"bits": 3}},
     )
-    a, b = _codes(_quantize(base)), _codes(_quantize(learned))
+    # Learned recipes store calibration batches of train.batch_size windows (one optimizer
+    # step each); the base run gets the same batching, so its sums add up in the same order.
+    a = _codes(_quantize(base, batch_size=learned.trainer.batch_size))
+    b = _codes(_quantize(learned))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
@@ -268,8 +245,9 @@ def test_cross_layer_changes_what_is_learned() -> None:
 
 
 def test_learned_recipe_validation() -> None:
-    with pytest.raises(ValueError, match="compose with rtn or plain gptq"):
-        Recipe(steps=[{"lwc": {}}, {"gptq": {"asymmetric": True}}])
+    with pytest.raises(ValueError, match="asymmetric calibration"):
+        Recipe(steps=[{"let": {}}, {"lwc": {}}, {"gptq": {"asymmetric": True}}])
+    Recipe(steps=[{"lwc": {}}, {"sde": {}}, {"gptq": {"asymmetric": True}}])  # inputs unmoved
     with pytest.raises(ValueError, match="overlap"):
         Recipe(steps=[{"lsi": {}}, {"sde": {}}, {"rtn": {}}])
     with pytest.raises(ValueError, match="needs a learned step"):

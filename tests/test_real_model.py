@@ -120,3 +120,35 @@ def test_rotation_rescues_4_bit_activations(w4a4: dict[str, float]) -> None:
 
 def test_lrc_improves_rotated_gptq_at_w4a4(w4a4: dict[str, float]) -> None:
     assert w4a4["quarot-gptq-lrc"] < 0.9 * w4a4["quarot-gptq"], w4a4
+
+
+@pytest.fixture(scope="module")
+def w2(smol: LoadedModel, calib: torch.Tensor, windows: torch.Tensor) -> dict[str, object]:
+    """2-bit rows on 8 calibration windows, one training epoch for the learned ones."""
+    out: dict[str, object] = {}
+    for name, recipe, kw in (
+        ("gptq", "gptq", {"bits": 2, "group_size": 64}),
+        ("omniquant", "omniquant", {"epochs": 1}),
+        ("vq-2bit", "vq-2bit", {}),
+        ("ssvq-2bit", "ssvq-2bit", {"epochs": 1}),
+    ):
+        qm = _quantize(smol, calib, recipe, **kw)
+        out[name] = evaluate(qm.model, windows, progress=False).ppl
+        out[f"{name}-train"] = qm.report.get("train", [])
+        out[f"{name}-bits"] = qm.quantization_config["bits_per_weight"]
+    return out
+
+
+def test_training_lowers_every_blocks_loss(w2: dict[str, object]) -> None:
+    for name in ("omniquant", "ssvq-2bit"):
+        train = w2[f"{name}-train"]
+        assert len(train) == 30, name
+        assert all(t["final_loss"] < t["initial_loss"] for t in train), (name, train)
+
+
+def test_learned_grid_beats_gptq_at_2_bits(w2: dict[str, object]) -> None:
+    assert w2["omniquant"] < 0.5 * w2["gptq"], w2
+
+
+def test_vq_effective_bits(w2: dict[str, object]) -> None:
+    assert 2.0 < w2["vq-2bit-bits"] < 2.1 and 2.0 < w2["ssvq-2bit-bits"] < 2.1, w2

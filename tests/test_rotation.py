@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import compensator as cp
 from compensator.errors import CompensatorError
@@ -24,7 +23,7 @@ from compensator.transforms.hadamard import (
     random_rotation,
 )
 from compensator.transforms.rotation import rotate_model
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, tiny_llama, tiny_qwen2
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 28, 36, 44, 64, 96, 144, 576, 1536, 768])
@@ -68,27 +67,13 @@ def _llama_without_hadamards() -> torch.nn.Module:
     )
 
 
-def _tiny_qwen2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=96,
-        intermediate_size=144,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize(
     "make,heads,online",
     [
         (lambda: tiny_llama(hidden=96), True, True),
         (lambda: tiny_llama(hidden=96), False, False),
         (_llama_without_hadamards, True, True),
-        (_tiny_qwen2, True, True),  # q/k/v biases
+        (tiny_qwen2, True, True),  # q/k/v biases
     ],
 )
 def test_rotation_leaves_fp_logits_unchanged(make, heads: bool, online: bool) -> None:

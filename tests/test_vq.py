@@ -10,16 +10,16 @@ import torch
 
 import compensator as cp
 from compensator.errors import CompensatorError
-from compensator.learn.learners import LearnContext
 from compensator.learn.ssvq import SSVQ, cosine_threshold, sign_ste
-from compensator.learn.trainer import BlockData, TrainSettings, train_block
-from compensator.models.adapter import get_adapter
+from compensator.learn.trainer import TrainSettings, train_block
 from compensator.models.loading import LoadedModel
 from compensator.nn.vq_linear import VQLinear
 from compensator.quant.spec import QuantSpec
 from compensator.quant.vq import VQSpec, vq_quantize, vq_storage_bits, weighted_kmeans
 from compensator.recipes.recipe import Recipe
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, first_block, tiny_llama
+
+CPU = torch.device("cpu")
 
 
 def test_kmeans_objective_never_rises() -> None:
@@ -67,23 +67,12 @@ def test_storage_bits() -> None:
 
 
 def _ctx(spec: VQSpec):
-    from compensator.learn.blockwise import _input_stats
-    from compensator.pipeline.runner import _fp_pass
-    from compensator.pipeline.streams import Stream, capture_block_inputs
+    return first_block(tiny_llama(), QuantSpec(), spec)
 
-    model = tiny_llama()
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
-    cpu = torch.device("cpu")
-    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
-    block = blocks[0]
-    linears = adapter.linears(block)
-    fp_in, fp_out = _fp_pass(block, list(linears), Stream(hidden, kwargs[0]), cpu, cpu)
-    ctx = LearnContext(
-        block, linears, QuantSpec(), adapter.arch.rotation, *_input_stats(fp_in, cpu), spec
-    )
-    return block, list(linears), ctx, BlockData(q_hidden=hidden, kwargs=kwargs[0], target=fp_out)
+
+def _train(block, learner, linears, data, epochs: int):
+    settings = TrainSettings(epochs=epochs)
+    return train_block(block, [learner], linears, data, QuantSpec(), None, settings, CPU)
 
 
 def _ssvq(ctx, **kw) -> SSVQ:
@@ -112,16 +101,7 @@ def test_ssvq_with_all_signs_frozen_and_no_steps_is_sign_split_vq() -> None:
         torch.testing.assert_close(got.dequantize(), ref.dequantize(), atol=0, rtol=0)
         torch.testing.assert_close(learner.quantized(n), ref.dequantize(), atol=0, rtol=0)
     # Frozen signs never move, whatever the training does.
-    train_block(
-        block,
-        [learner],
-        linears,
-        data,
-        QuantSpec(),
-        None,
-        TrainSettings(epochs=2),
-        torch.device("cpu"),
-    )
+    _train(block, learner, linears, data, 2)
     for n, w in weights.items():
         assert torch.equal(learner.fixed(n, w, QuantSpec()).signs, w < 0)
 
@@ -152,32 +132,14 @@ def test_freezing_is_monotone_and_threshold_decays() -> None:
             frozen_before[k] = learner._buf("frozen", k).clone()
 
     learner.after_step = after
-    train_block(
-        block,
-        [learner],
-        linears,
-        data,
-        QuantSpec(),
-        None,
-        TrainSettings(epochs=6),
-        torch.device("cpu"),
-    )
+    _train(block, learner, linears, data, 6)
     assert seen == sorted(seen) and seen[-1] > 0
 
 
 def test_ssvq_training_lowers_the_block_loss() -> None:
     spec = VQSpec(dim=4, bits=4, signs=True)
     block, linears, ctx, data = _ctx(spec)
-    res = train_block(
-        block,
-        [_ssvq(ctx)],
-        linears,
-        data,
-        QuantSpec(),
-        None,
-        TrainSettings(epochs=4),
-        torch.device("cpu"),
-    )
+    res = _train(block, _ssvq(ctx), linears, data, 4)
     assert res.final_loss < res.initial_loss
 
 

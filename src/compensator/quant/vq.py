@@ -28,7 +28,10 @@ class VQSpec(BaseModel):
         False, description="sign-split: magnitudes in the codebook, 1 sign bit per weight"
     )
     rows_per_codebook: int | None = Field(None, ge=1, description="None: one codebook per layer")
-    iterations: int = Field(25, ge=0, description="k-means iterations")
+    iterations: int = Field(20, ge=0, description="k-means iterations (at most)")
+    fit_vectors: int = Field(
+        65536, ge=1, description="sub-vectors the codebook is fitted on (a row subsample)"
+    )
     seed: int = 0
 
     @property
@@ -152,7 +155,7 @@ def weighted_kmeans(
         cb = torch.where(den > 0, num / den.clamp_min(1e-30), cb)
         assign = _nearest(x, wts, cb)
         history.append(_objective(x, wts, cb, assign))
-        if history[-1] >= history[-2] * (1 - 1e-6):
+        if history[-1] >= history[-2] * (1 - 1e-4):  # converged: < 0.01% per iteration
             break
     return cb, assign, history
 
@@ -173,7 +176,11 @@ def vq_quantize(w: torch.Tensor, spec: VQSpec, hdiag: torch.Tensor | None = None
     for start in range(0, out, per):
         rows = target[start : start + per]
         x = rows.reshape(rows.shape[0], n_sub, spec.dim).transpose(0, 1).contiguous()
-        cb, _, _ = weighted_kmeans(x, wts, spec.codewords, spec.iterations, gen)
+        # Fit on a subsample of rows (every column position kept): Lloyd's cost is the
+        # n x 2^bits score matrix, and 64k sub-vectors pin 2^8..2^9 codewords down well.
+        keep = max(1, -(-spec.fit_vectors // n_sub))
+        fit = x if keep >= x.shape[1] else x[:, torch.randperm(x.shape[1], generator=gen)[:keep]]
+        cb, _, _ = weighted_kmeans(fit, wts, spec.codewords, spec.iterations, gen)
         cb = cb.half().float()  # stored in fp16: assign against what is stored
         if cb.shape[0] < spec.codewords:  # fewer sub-vectors than codewords: pad
             cb = torch.cat([cb, cb[:1].expand(spec.codewords - cb.shape[0], -1)])

@@ -101,11 +101,16 @@ class Recipe(BaseModel):
         if not self.learners:
             return
         rounder = self.rounder
-        if not getattr(rounder, "accepts_params", False) or rounder.needs_fp_stream():
+        if not getattr(rounder, "accepts_params", False):
             raise ValueError(
                 f"learned steps fold into the block before rounding and hand it their "
-                f"clipping, so they compose with rtn or plain gptq, not {rounder.name}"
-                + (" with asymmetric calibration" if rounder.needs_fp_stream() else "")
+                f"clipping, so they compose with rtn, gptq or vq, not {rounder.name}"
+            )
+        movers = [s.name for s in self.learners if s.moves_inputs]
+        if rounder.needs_fp_stream() and movers:
+            raise ValueError(
+                f"{movers[0]} rescales what the Linears read, so {rounder.name}'s asymmetric "
+                "calibration (FP-stream inputs) no longer matches; drop one of them"
             )
         if any(c.joint for c in self.correctors):
             raise ValueError("learned steps do not compose with a joint corrector (lrc) yet")

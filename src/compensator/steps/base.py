@@ -70,6 +70,9 @@ class LearnerStep(StepConfig):
     role: ClassVar[str]  # one step per role: quantizer, transform, weights
     order: ClassVar[int]  # application order of the learners' transforms
     weight_format: ClassVar[str] = "uniform"  # the rounder storage it trains for
+    # Whether folding changes what the block's Linears read (LET rescales their inputs); the
+    # FP-stream statistics of an asymmetric rounder (GPTAQ) are then no longer valid.
+    moves_inputs: ClassVar[bool] = False
 
     def needs_fp_stream(self) -> bool:
         return True  # the training target is the FP block's output

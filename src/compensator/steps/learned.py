@@ -42,6 +42,7 @@ class LETStep(LearnerStep):
     name: ClassVar[str] = "let"
     role: ClassVar[str] = "transform"
     order: ClassVar[int] = LET.order
+    moves_inputs: ClassVar[bool] = True
     lr: float = Field(5e-3, gt=0)
     alpha: float = Field(
         0.5, ge=0, le=1, description="init s = act_absmax^alpha / w_absmax^(1 - alpha)"

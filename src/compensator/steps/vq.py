@@ -29,7 +29,8 @@ class VQStep(RounderStep):
     bits: int = Field(8, ge=1, le=14)
     signs: bool = False
     rows_per_codebook: int | None = Field(None, ge=1)
-    iterations: int = Field(25, ge=0)
+    iterations: int = Field(20, ge=0)
+    fit_vectors: int = Field(65536, ge=1, description="sub-vectors the codebook is fitted on")
     weighted: bool = Field(True, description="weight k-means by diag(X^T X)")
     seed: int = 0
 
