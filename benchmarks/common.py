@@ -138,6 +138,19 @@ def parser(doc: str | None, name: str) -> argparse.ArgumentParser:
     return ap
 
 
+def parse_rows(
+    ap: argparse.ArgumentParser, rows: dict[str, Any], schemes: dict[str, Any] | None = None
+) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """Parse the command line; ``--rows`` (and ``--schemes``) as lists of known names."""
+    args = ap.parse_args()
+    picked = args.rows.split(",")
+    picked_schemes = args.schemes.split(",") if schemes is not None else []
+    unknown = set(picked) - rows.keys() or set(picked_schemes) - (schemes or {}).keys()
+    if unknown:
+        ap.error(f"unknown rows or schemes {sorted(unknown)}; rows: {', '.join(rows)}")
+    return args, picked, picked_schemes
+
+
 def setup_from(args: argparse.Namespace) -> Bench:
     return setup(args.model, args.calib, args.calib_windows, args.eval_windows, args.threads)
 

@@ -102,12 +102,7 @@ def main() -> None:
     ap.add_argument("--rows", default="gptq,lwc,omniquant,sde,lsi,sde-cll")
     ap.add_argument("--schemes", default="W2A16 g64")
     ap.add_argument("--epochs", type=int, default=2)
-    args = ap.parse_args()
-    unknown = (
-        set(args.rows.split(",")) - ROWS.keys() or set(args.schemes.split(",")) - SCHEMES.keys()
-    )
-    if unknown:
-        ap.error(f"unknown rows or schemes {sorted(unknown)}; rows: {', '.join(ROWS)}")
+    args, rows, schemes = common.parse_rows(ap, ROWS, SCHEMES)
 
     from compensator.data import load_eval_windows
     from compensator.evaluate import evaluate
@@ -128,7 +123,7 @@ def main() -> None:
             **common.run_row(bench, r, extra_eval={"embedded": embedded}),
         }
 
-    jobs = [(row, s) for s in args.schemes.split(",") for row in args.rows.split(",")]
+    jobs = [(row, s) for s in schemes for row in rows]
     common.run_jobs(args, result, jobs, lambda r: (r["row"], r["scheme"]), run, markdown)
     print(markdown(result))
 

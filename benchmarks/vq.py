@@ -69,10 +69,7 @@ def main() -> None:
     ap = common.parser(__doc__, "vq")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--epochs", type=int, default=2)
-    args = ap.parse_args()
-    unknown = set(args.rows.split(",")) - ROWS.keys()
-    if unknown:
-        ap.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
+    args, rows, _ = common.parse_rows(ap, ROWS)
 
     bench = common.setup_from(args)
     bench.protocol["epochs"] = args.epochs
@@ -81,7 +78,7 @@ def main() -> None:
     def run(row: str) -> dict[str, Any]:
         return {"row": row, **common.run_row(bench, recipe(row, args.epochs))}
 
-    jobs = [(row,) for row in args.rows.split(",")]
+    jobs = [(row,) for row in rows]
     common.run_jobs(args, result, jobs, lambda r: (r["row"],), run, markdown)
     print(markdown(result))
 

@@ -101,12 +101,7 @@ def main() -> None:
     ap = common.parser(__doc__, "w4a4")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--schemes", default=",".join(SCHEMES))
-    args = ap.parse_args()
-    unknown = (
-        set(args.rows.split(",")) - ROWS.keys() or set(args.schemes.split(",")) - SCHEMES.keys()
-    )
-    if unknown:
-        ap.error(f"unknown rows or schemes {sorted(unknown)}; rows: {', '.join(ROWS)}")
+    args, rows, schemes = common.parse_rows(ap, ROWS, SCHEMES)
 
     bench = common.setup_from(args)
     result = common.new_result(bench, "w4a4.py")
@@ -114,7 +109,7 @@ def main() -> None:
     def run(row: str, scheme: str) -> dict[str, Any]:
         return {"row": row, "scheme": scheme, **common.run_row(bench, recipe(row, scheme))}
 
-    jobs = [(row, s) for s in args.schemes.split(",") for row in args.rows.split(",")]
+    jobs = [(row, s) for s in schemes for row in rows]
     common.run_jobs(args, result, jobs, lambda r: (r["row"], r["scheme"]), run, markdown)
     print(markdown(result))
 
