@@ -46,6 +46,7 @@ ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
         "LWC + LET + SDE k=8, then GPTQ (sde)",
         [LET, LWC, {"sde": {"k": 8, "lr": 1e-3}}, TRAIN, GPTQ],
     ),
+    "lwc-sde": ("LWC + SDE k=8, then GPTQ", [LWC, {"sde": {"k": 8, "lr": 1e-3}}, TRAIN, GPTQ]),
     "sde-cll": (
         "LWC + LET + SDE k=8 + cross-layer, then GPTQ (sde-cll)",
         [
