@@ -526,3 +526,22 @@ def test_bad_rank(tiny_dir: Path, tmp_path: Path, no_model_load: list[str]) -> N
     assert result.exit_code == 2 and "Traceback" not in result.output  # click's usage error
     assert "'abc' is not an integer rank" in result.stderr
     assert no_model_load == []
+
+
+def test_quantize_with_a_learned_recipe_and_epochs(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sde"
+    result = invoke(*quantize_args(tiny_dir, out, "--group-size", 16, "--epochs", 1, recipe="sde"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    train = next(s["train"] for s in qc["recipe"]["steps"] if "train" in s)
+    assert train["epochs"] == 1
+    assert eval_json(out, tiny_dir)["ppl"] > 0
+
+
+def test_epochs_on_a_recipe_without_learned_steps_is_a_clear_error(
+    tiny_dir: Path, tmp_path: Path, no_model_load: list[str]
+) -> None:
+    result = invoke(*quantize_args(tiny_dir, tmp_path / "x", "--epochs", 2, recipe="gptq"))
+    assert result.exit_code != 0
+    assert "--epochs needs a learned recipe" in result.output
+    assert no_model_load == []
