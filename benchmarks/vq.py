@@ -22,12 +22,20 @@ ROWS: dict[str, tuple[str, str | dict[str, Any]]] = {
         {"scheme": {"weights": {"bits": 2, "group_size": 64}}, "steps": [{"gptq": {}}]},
     ),
     "vq-2bit": ("VQ d4, 256 codewords", "vq-2bit"),
+    "svq-2bit": (
+        "sign-split VQ d8, 256 magnitude codewords + sign bits, untrained",
+        {"steps": [{"vq": {"dim": 8, "bits": 8, "signs": True}}]},
+    ),
     "ssvq-2bit": ("SSVQ d8, 256 magnitude codewords + sign bits", "ssvq-2bit"),
     "gptq-w3": (
         "GPTQ W3A16 g128",
         {"scheme": {"weights": {"bits": 3, "group_size": 128}}, "steps": [{"gptq": {}}]},
     ),
     "vq-3bit": ("VQ d3, 512 codewords", "vq-3bit"),
+    "svq-3bit": (
+        "sign-split VQ d4, 256 magnitude codewords + sign bits, untrained",
+        {"steps": [{"vq": {"dim": 4, "bits": 8, "signs": True}}]},
+    ),
     "ssvq-3bit": ("SSVQ d4, 256 magnitude codewords + sign bits", "ssvq-3bit"),
 }
 
