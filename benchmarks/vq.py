@@ -31,7 +31,7 @@ ROWS: dict[str, tuple[str, str | dict[str, Any]]] = {
         "GPTQ W3A16 g128",
         {"scheme": {"weights": {"bits": 3, "group_size": 128}}, "steps": [{"gptq": {}}]},
     ),
-    "vq-3bit": ("VQ d3, 512 codewords", "vq-3bit"),
+    "vq-3bit": ("VQ d2, 64 codewords", "vq-3bit"),
     "svq-3bit": (
         "sign-split VQ d4, 256 magnitude codewords + sign bits, untrained",
         {"steps": [{"vq": {"dim": 4, "bits": 8, "signs": True}}]},

@@ -130,8 +130,8 @@ class Recipe(BaseModel):
             return self
         if not self.learners:
             raise CompensatorError(
-                f"--epochs needs a learned recipe (omniquant, lsi, sde, sde-cll or one with "
-                f"lwc/let/lsi/sde steps); {self.name or 'this recipe'} has none"
+                f"--epochs needs a learned recipe (omniquant, lsi, sde, sde-cll, ssvq-* or one "
+                f"with lwc/let/lsi/sde/ssvq steps); {self.name or 'this recipe'} has none"
             )
         if epochs < 0:
             raise CompensatorError(f"--epochs {epochs} is not valid: use >= 0")
