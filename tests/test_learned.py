@@ -293,3 +293,18 @@ def test_clip_search_init_beats_or_matches_every_uniform_shrink() -> None:
         z = torch.full_like(logits, torch.logit(torch.tensor(p)).item())
         assert err <= (lwc_fake_quantize(w, spec, z, z) - w).abs().pow(2.4).sum() + 1e-6
     assert (torch.sigmoid(logits) < 0.99).any()  # 2 bits: clipping pays
+
+
+def test_sde_penalty_matches_its_formula() -> None:
+    spec = QuantSpec(bits=2, group_size=16)
+    _, _, ctx, _ = _block_setup(tiny_llama(), spec)
+    sde = SingularValues(ctx, 1e-3, k=2, band=1, penalty=0.5)
+    with torch.no_grad():
+        for p in sde.parameters():
+            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    want = 0.0
+    for name, f in sde.factors.items():  # brute force: the dense M - M0
+        key = name.replace(".", "__")
+        dm = delta_matrix(sde.ds[key], sde.block[key], sde._bands(key))
+        want += float(dm.detach().pow(2).sum() / f.s.pow(2).sum())
+    assert float(sde.penalty().detach()) == pytest.approx(0.5 * want, rel=1e-5)

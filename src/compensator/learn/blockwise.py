@@ -71,7 +71,6 @@ def learn_block(
         getattr(recipe.rounder, "vq_spec", None),
     )
     steps = sorted(recipe.learners, key=lambda s: s.order)
-    torch.manual_seed(trainer.seed + index)
     learners = [s.build(ctx) for s in steps]
     settings = TrainSettings(
         epochs=trainer.epochs,

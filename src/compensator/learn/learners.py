@@ -17,7 +17,7 @@ from torch import nn
 
 from compensator.errors import CompensatorError
 from compensator.learn.lwc import lwc_params, search_clip_logits
-from compensator.learn.svd import svd_factors, svd_weight
+from compensator.learn.svd import delta_matrix, svd_factors, svd_weight
 from compensator.models.adapter import RotationLayout
 from compensator.quant.spec import QuantParams, QuantSpec
 from compensator.quant.vq import VQSpec, VQWeight
@@ -156,15 +156,12 @@ class SingularValues(Learner):
         """lambda * sum over layers of ||M - M0||_F^2 / ||s||^2 (scale-free drift control)."""
         if not self.weight_penalty:
             return None
-        total = torch.zeros((), device=self.ds[next(iter(self.ds.keys()))].device)
+        total = 0.0
         for name, f in self.factors.items():
             key = _pname(name)
-            sq = self.ds[key].pow(2).sum()
-            if key in self.block:
-                sq = sq + self.block[key].pow(2).sum()
-            for v in self._bands(key):
-                sq = sq + v.pow(2).sum()
-            total = total + sq / f.s.pow(2).sum()
+            # Dense: K's diagonal overlaps ds, so summing parameter squares would not be it.
+            delta = delta_matrix(self.ds[key], self.block.get(key), self._bands(key))
+            total = total + delta.pow(2).sum() / f.s.pow(2).sum()
         return self.weight_penalty * total
 
 

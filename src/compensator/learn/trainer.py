@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +41,6 @@ class TrainSettings:
     cross_layer: float = 0.0
     fp_input_weight: float = 0.0
     seed: int = 0
-    grad_clip: float | None = None
 
 
 @dataclass
@@ -59,21 +58,25 @@ class BlockData:
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)  # mean block loss per epoch
     initial_loss: float = float("nan")
     final_loss: float = float("nan")  # measured after the last step, like initial_loss
     steps: int = 0
     seconds: float = 0.0
 
 
+def transformed(learners: list[Learner], base: Tensors) -> Tensors:
+    """The block's tensors after every learner's transform, in order (no quantization)."""
+    t = base
+    for lr in learners:
+        t = lr.transform(t)
+    return t
+
+
 def effective(
     learners: list[Learner], base: Tensors, linears: list[str], spec: QuantSpec
 ) -> Tensors:
     """The block's tensors after every learner, with each Linear weight fake-quantized."""
-    t = base
-    for lr in learners:
-        t = lr.transform(t)
-    t = dict(t)
+    t = dict(transformed(learners, base))
     for name in linears:
         q = next((q for lr in learners if (q := lr.quantized(name)) is not None), None)
         if q is not None:
@@ -179,21 +182,14 @@ def train_block(
         total_steps = settings.epochs * n_batches
         with torch.enable_grad():
             for _ in range(settings.epochs):
-                total = 0.0
                 for b in torch.randperm(n_batches, generator=gen).tolist():
-                    loss, block_loss = loss_of(b)
+                    loss, _ = loss_of(b)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    if settings.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for g in groups for p in g["params"]], settings.grad_clip
-                        )
                     opt.step()
-                    total += float(block_loss)
                     result.steps += 1
                     for lr in learners:
                         lr.after_step(result.steps, total_steps)
-                result.losses.append(total / n_batches)
         result.final_loss = mean_block_loss()
     result.seconds = time.perf_counter() - t0
     return result
@@ -204,9 +200,7 @@ def fold(block: nn.Module, learners: list[Learner]) -> Tensors:
     """Write the learners' transforms into the block's parameters (no quantization); returns
     the folded tensors."""
     base = {n: p.detach() for n, p in block.named_parameters()}
-    t = base
-    for lr in learners:
-        t = lr.transform(t)
+    t = transformed(learners, base)
     params = dict(block.named_parameters())
     for name, value in t.items():
         if value is not base[name]:
