@@ -10,7 +10,8 @@ Weights 4-bit g128 asymmetric; activations per-token symmetric int4 with clip ra
 rotation + GPTQ, rotation + GPTAQ (exact form), rotation + GPTQ + LRC at rho 0.1 and 0.3,
 LRC aimed at the FP model's output (GPTAQ's target, ours) at rho 0.3, and the SVD-of-error
 baseline at the same ranks (L2QER factors on the unquantized input,
-after rotation + GPTQ). Writes benchmarks/results/NAME.{json,md}.
+after rotation + GPTQ). LRC rows start from the relaxed optimum (the default); the
+``-zero`` rows start from L = 0, the plain alternation. Writes benchmarks/results/NAME.{json,md}.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "lrc-asym-0.3": (
         "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours)",
         [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True}}],
+    ),
+    "lrc-0.1-zero": (
+        "rotation + GPTQ + LRC rho 0.1, from L = 0",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.1, "init": "zero"}}],
+    ),
+    "lrc-0.3-zero": (
+        "rotation + GPTQ + LRC rho 0.3, from L = 0",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "init": "zero"}}],
+    ),
+    "lrc-0.3-it3-zero": (
+        "rotation + GPTQ + LRC rho 0.3, 3 iterations from L = 0",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "iterations": 3, "init": "zero"}}],
+    ),
+    "lrc-asym-0.3-zero": (
+        "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours), from L = 0",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True, "init": "zero"}}],
     ),
     "svd-0.1": (
         "rotation + GPTQ + SVD of error (L2QER) rho 0.1",
@@ -87,7 +104,8 @@ def markdown(result: dict[str, Any]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = {r["scheme"]: r["ppl"] for r in result["rows"] if r["row"] == "quarot-gptq"}
-    for r in result["rows"]:
+    order = {key: i for i, key in enumerate((s, r) for s in SCHEMES for r in ROWS)}
+    for r in sorted(result["rows"], key=lambda r: order[(r["scheme"], r["row"])]):
         ref = base.get(r["scheme"])
         gap = "" if ref is None or r["ppl"] > ref else f"{(ref - r['ppl']) / (ref - fp):.0%}"
         lines.append(

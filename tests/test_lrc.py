@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compensator.correctors import resolve_rank
-from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target
+from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target, relaxed_lowrank
 from compensator.pipeline.stats import LinearStats, StatsAccumulator
 from compensator.quant import QuantSpec
 from compensator.quant.act import ActSpec, quantize_activations
@@ -18,17 +18,28 @@ from compensator.steps.rtn import RTNStep
 ACT = ActSpec(bits=4, clip_ratio=0.9)
 
 
-def _case(out: int = 24, inp: int = 40, tokens: int = 600, seed: int = 0):
+def _case(out: int = 24, inp: int = 40, tokens: int = 600, seed: int = 0, spread: float = 1.0):
     g = torch.Generator().manual_seed(seed)
     # Correlated features of unequal scale, like a Linear's inputs.
     mix = torch.randn(inp, inp, generator=g, dtype=torch.float64) / inp**0.5
     x = (torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix) * torch.exp(
-        torch.randn(inp, generator=g, dtype=torch.float64)
+        spread * torch.randn(inp, generator=g, dtype=torch.float64)
     )
     a = quantize_activations(x, ACT)
     w = torch.randn(out, inp, generator=g, dtype=torch.float64)
     n = tokens
     return w, x, a, x.T @ x / n, x.T @ a / n, a.T @ a / n
+
+
+def _perturbed(lr, scales: tuple[float, ...], count: int, seed: int):
+    """Dense rank-k matrices from the factors of ``lr`` plus Gaussian noise of each scale."""
+    g = torch.Generator().manual_seed(seed)
+    out, inp, rank = lr.b.shape[1], lr.a.shape[0], lr.rank
+    for scale in scales:
+        for _ in range(count):
+            u = lr.b.double().T + scale * torch.randn(out, rank, generator=g, dtype=torch.float64)
+            v = lr.a.double() + scale * torch.randn(inp, rank, generator=g, dtype=torch.float64)
+            yield u @ v.T
 
 
 def _brute_objective(w, wq, low, x, a) -> float:
@@ -54,17 +65,9 @@ def test_lowrank_step_is_optimal(rank: int) -> None:
     assert torch.linalg.matrix_rank(lr.dense()) == rank
     best = lrc_objective(w, wq, low, sxx, sxa, saa)
     assert best < lrc_objective(w, wq, None, sxx, sxa, saa)
-    g = torch.Generator().manual_seed(3)
-    for scale in (1e-3, 1e-2, 1e-1):
-        for _ in range(20):
-            # Any rank-k matrix near the optimum (or far from it) is no better.
-            u = lr.b.double().T + scale * torch.randn(
-                w.shape[0], rank, generator=g, dtype=torch.float64
-            )
-            v = lr.a.double() + scale * torch.randn(
-                w.shape[1], rank, generator=g, dtype=torch.float64
-            )
-            assert lrc_objective(w, wq, u @ v.T, sxx, sxa, saa) >= best * (1 - 1e-7)
+    # Any rank-k matrix near the optimum (or far from it) is no better.
+    for low in _perturbed(lr, (1e-3, 1e-2, 1e-1), 20, seed=3):
+        assert lrc_objective(w, wq, low, sxx, sxa, saa) >= best * (1 - 1e-7)
 
 
 def test_full_rank_step_is_the_least_squares_fit() -> None:
@@ -96,14 +99,79 @@ def _stats(sxx, sxa, saa, tokens: int = 600) -> LinearStats:
     )
 
 
+def _relaxed_objective(w, low, sxx, sxa, saa, stx=None, sta=None, stt=None) -> float:
+    """min over real-valued Wq of f(Wq, L), reached at W* (tested above)."""
+    target = lrc_target(w, low, sxa, saa, sta=sta)
+    return lrc_objective(w, target, low, sxx, sxa, saa, stx, sta, stt)
+
+
+@pytest.mark.parametrize("target", ["x", "t"])
+def test_relaxed_lowrank_is_reduced_rank_regression_on_the_data(target: str) -> None:
+    # Reference on the raw data: take out of W t and of x what a predicts (least squares),
+    # regress one residual on the other, keep the top-k principal directions of the fit.
+    # (Features of similar scale: no feature always rounds to 0, so Saa is invertible.)
+    w, x, a, sxx, sxa, saa = _case(spread=0.3)
+    assert torch.linalg.cond(a) < 1e3
+    g = torch.Generator().manual_seed(8)
+    t = x if target == "x" else x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    n, rank = x.shape[0], 6
+    stx, sta = (None, None) if target == "x" else (t.T @ x / n, t.T @ a / n)
+    low = relaxed_lowrank(w, sxx, sxa, saa, rank, stx=stx, sta=sta).dense().double()
+    y = t @ w.T
+    y_res = y - a @ torch.linalg.lstsq(a, y).solution
+    x_res = x - a @ torch.linalg.lstsq(a, x).solution
+    full = torch.linalg.lstsq(x_res, y_res).solution.T
+    top = torch.linalg.svd(x_res @ full.T, full_matrices=False).Vh[:rank]
+    want = top.T @ top @ full
+
+    def data_objective(low: torch.Tensor) -> float:
+        r = y_res - x_res @ low.T
+        return float((r * r).sum() / n)
+
+    # The argmin is weakly determined along near-tied singular values: compare the optimum.
+    assert data_objective(low) == pytest.approx(data_objective(want), rel=1e-6)
+    assert data_objective(low) <= data_objective(want) * (1 + 1e-7)  # float32 factors
+    stt = None if target == "x" else t.T @ t / n
+    relaxed = _relaxed_objective(w, low, sxx, sxa, saa, stx, sta, stt)
+    assert relaxed == pytest.approx(data_objective(low), rel=1e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 12])
+def test_relaxed_lowrank_is_optimal_at_its_rank(rank: int) -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    lr = relaxed_lowrank(w, sxx, sxa, saa, rank)
+    assert lr is not None and lr.rank == rank
+    best = _relaxed_objective(w, lr.dense().double(), sxx, sxa, saa)
+    assert best < _relaxed_objective(w, None, sxx, sxa, saa)
+    for low in _perturbed(lr, (1e-3, 1e-2, 1e-1), 10, seed=9):
+        assert _relaxed_objective(w, low, sxx, sxa, saa) >= best * (1 - 1e-7)
+    # Where plain alternation from L = 0 lands after its first step is no better.
+    plain = rtn(lrc_target(w, None, sxa, saa).float(), QuantSpec(bits=3, group_size=8))
+    first = lowrank_step(w, plain.dequantize().double(), sxx, sxa, rank).dense().double()
+    assert best <= _relaxed_objective(w, first, sxx, sxa, saa)
+
+
+def test_relaxed_start_beats_zero_start() -> None:
+    w, _x, _a, sxx, sxa, saa = _case()
+    spec = QuantSpec(bits=3, group_size=8)
+    stats = _stats(sxx, sxa, saa)
+    for iterations in (1, 3):
+        relaxed = LRCStep(rank=6, iterations=iterations).solve(w.float(), stats, spec, GPTQStep())
+        zero = LRCStep(rank=6, iterations=iterations, init="zero").solve(
+            w.float(), stats, spec, GPTQStep()
+        )
+        assert min(relaxed[2]) < min(zero[2])
+
+
+@pytest.mark.parametrize("init", ["relaxed", "zero"])
 @pytest.mark.parametrize("rounder", [GPTQStep(), RTNStep()])
-def test_lrc_iterations_never_raise_the_objective(rounder) -> None:
+def test_lrc_iterations_never_raise_the_objective(rounder, init: str) -> None:
     w, _x, _a, sxx, sxa, saa = _case()
     spec = QuantSpec(bits=3, group_size=8)
     stats = _stats(sxx, sxa, saa)
     previous = None
     for iterations in (1, 2, 3, 4):
-        step = LRCStep(rank=4, iterations=iterations)
+        step = LRCStep(rank=4, iterations=iterations, init=init)
         qw, lr, history = step.solve(w.float(), stats, spec, rounder)
         got = lrc_objective(w, qw.dequantize().double(), lr.dense().double(), sxx, sxa, saa)
         assert got == pytest.approx(min(history), rel=1e-5)
@@ -161,10 +229,8 @@ def test_asymmetric_target_maths_match_the_data() -> None:
     y = t @ w.T - a @ wq.T - x @ low.T
     got = lrc_objective(w, wq, low, sxx, sxa, saa, stx, sta, stt)
     assert got == pytest.approx(float((y * y).sum() / n), rel=1e-6)
-    for _ in range(10):  # rank-6 perturbations of the factors are no better
-        u = lr.b.double().T + 0.01 * torch.randn(w.shape[0], 6, generator=g, dtype=torch.float64)
-        v = lr.a.double() + 0.01 * torch.randn(w.shape[1], 6, generator=g, dtype=torch.float64)
-        assert lrc_objective(w, wq, u @ v.T, sxx, sxa, saa, stx, sta, stt) >= got * (1 - 1e-7)
+    for other in _perturbed(lr, (0.01,), 10, seed=7):  # rank-6 perturbations are no better
+        assert lrc_objective(w, wq, other, sxx, sxa, saa, stx, sta, stt) >= got * (1 - 1e-7)
     target = lrc_target(w, low, sxa, saa, sta=sta)
     best = lrc_objective(w, target, low, sxx, sxa, saa, stx, sta, stt)
     for _ in range(10):

@@ -101,7 +101,7 @@ def test_real_checkpoint_round_trip(smol: LoadedModel, calib: torch.Tensor, tmp_
 
 @pytest.fixture(scope="module")
 def w4a4(smol: LoadedModel, calib: torch.Tensor, windows: torch.Tensor) -> dict[str, float]:
-    out = {}
+    out = {"fp": evaluate(smol.model, windows, progress=False).ppl}
     for recipe in ("quarot-rtn", "quarot-gptq", "quarot-gptq-lrc"):
         qm = _quantize(smol, calib, recipe)
         out[recipe] = evaluate(qm.model, windows, progress=False).ppl
@@ -118,8 +118,11 @@ def test_rotation_rescues_4_bit_activations(w4a4: dict[str, float]) -> None:
     assert w4a4["quarot-gptq"] < w4a4["quarot-rtn"], w4a4
 
 
-def test_lrc_improves_rotated_gptq_at_w4a4(w4a4: dict[str, float]) -> None:
-    assert w4a4["quarot-gptq-lrc"] < 0.9 * w4a4["quarot-gptq"], w4a4
+def test_lrc_closes_most_of_the_w4a4_gap(w4a4: dict[str, float]) -> None:
+    # Measured on these 8 calibration / 4 eval windows: FP 30.2, rotation + GPTQ 64.0, LRC rho
+    # 0.3 from the relaxed start 42.9 (62% of the gap; the plain alternation from L = 0: 55.4).
+    gap = w4a4["quarot-gptq"] - w4a4["fp"]
+    assert w4a4["quarot-gptq-lrc"] < w4a4["quarot-gptq"] - 0.5 * gap, w4a4
 
 
 @pytest.fixture(scope="module")

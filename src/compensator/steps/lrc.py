@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from compensator.correctors.lowrank import LowRank, resolve_rank
-from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target
+from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target, relaxed_lowrank
 from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
 from compensator.steps.base import RANK_HELP, LowRankCorrector, RounderStep, register_step
@@ -17,12 +17,17 @@ from compensator.steps.base import RANK_HELP, LowRankCorrector, RounderStep, reg
 @register_step
 class LRCStep(LowRankCorrector):
     """Alternate the recipe's rounder on W* = (W - L) Sxa Saa^-1 (Hessian Saa, the quantized
-    activations') with the closed-form rank-k L; keep the pair with the lowest objective."""
+    activations') with the closed-form rank-k L, starting from the L that is best for a
+    real-valued Wq (``init: relaxed``) or from 0; keep the pair with the lowest objective."""
 
     name: ClassVar[str] = "lrc"
     joint: ClassVar[bool] = True
     rank: int | float = Field(0.3, description=RANK_HELP)
     iterations: int = Field(1, ge=1, le=10, description="(rounder, low-rank) alternations")
+    init: Literal["relaxed", "zero"] = Field(
+        "relaxed",
+        description="first L: the best one for a real-valued Wq (ours), or 0 (plain alternation)",
+    )
     damp: float = Field(1e-4, ge=0, le=1, description="fraction of mean(diag) added to Grams")
     asymmetric: bool = Field(
         False, description="aim at the FP model's output (GPTAQ's target) instead of W x"
@@ -77,6 +82,9 @@ class LRCStep(LowRankCorrector):
             sta = sxa + self.alpha * stats.fp_act_cross
         rounder_stats = LinearStats({"hessian": saa}, stats.tokens)
         dense = None
+        if self.init == "relaxed":
+            start = relaxed_lowrank(weight, sxx, sxa, saa, k, self.damp, stx, sta)
+            dense = None if start is None else start.dense()
         best: tuple[float, QuantizedWeight, LowRank | None] | None = None
         history: list[float] = []
         for _ in range(self.iterations):
