@@ -19,9 +19,8 @@ W and the L-step then only fits what rounding broke. Where it should end is visi
 relaxed problem with Wq any real matrix: Wq = (W - L) Sxa Saa^-1 leaves
 f = tr((W - L) G (W - L)^T) with G = Sxx - Sxa Saa^-1 Sax, the covariance of the part of x
 that a does not predict linearly (activation-rounding noise). Its best rank-k L, [W R]_k R^-1
-with G = R R^T, moves W's directions that the noise hurts most into the FP path; starting the
-alternation there gives, on SmolLM2's rotated layers at W4A4, 1.5 to 2x lower layer objectives
-than five alternations from zero.
+with G = R R^T, moves W's directions that the noise hurts most into the FP path, so the
+alternation starts near where it should end instead of creeping there.
 
 Asymmetric variant (ours, GPTAQ's idea applied to LRC): aim at the FP model's output,
 W t with t = x + alpha (x_fp - x), instead of W x. Only the cross terms change:
