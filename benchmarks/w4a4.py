@@ -23,6 +23,7 @@ import common
 SCHEMES = {"W4A4": (4, 0.9), "W4A8": (8, 1.0)}  # activation bits, clip ratio
 
 ROTATE = {"rotate": {}}
+ROTATE_O = {"rotate": {"online_o": True}}
 GPTQ = {"gptq": {}}
 ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "rtn": ("RTN (no rotation)", [{"rtn": {}}]),
@@ -57,6 +58,19 @@ ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "lrc-asym-0.3-zero": (
         "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours), from L = 0",
         [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True, "init": "zero"}}],
+    ),
+    "lrc-split-0.1": (
+        "rotation + GPTQ + LRC rho 0.1, split input (ours)",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.1, "split": True}}],
+    ),
+    "lrc-split-0.3": (
+        "rotation + GPTQ + LRC rho 0.3, split input (ours)",
+        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "split": True}}],
+    ),
+    "quarot-o-gptq": ("rotation with online o_proj Hadamard + GPTQ", [ROTATE_O, GPTQ]),
+    "lrc-o-0.3": (
+        "rotation with online o_proj Hadamard + GPTQ + LRC rho 0.3",
+        [ROTATE_O, GPTQ, {"lrc": {"rank": 0.3}}],
     ),
     "svd-0.1": (
         "rotation + GPTQ + SVD of error (L2QER) rho 0.1",

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from compensator.correctors import resolve_rank
-from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target, relaxed_lowrank
+from compensator.correctors.lrc import (
+    lowrank_step,
+    lrc_objective,
+    lrc_target,
+    principal_basis,
+    relaxed_lowrank,
+)
+from compensator.nn.quant_linear import QuantLinear
 from compensator.pipeline.stats import LinearStats, StatsAccumulator
 from compensator.quant import QuantSpec
 from compensator.quant.act import ActSpec, quantize_activations
@@ -251,3 +258,86 @@ def test_asymmetric_lrc_with_alpha_zero_is_plain_lrc() -> None:
     torch.testing.assert_close(zero[0].dequantize(), plain[0].dequantize())
     torch.testing.assert_close(zero[1].dense(), plain[1].dense())
     assert not torch.equal(moved[1].dense(), plain[1].dense())
+
+
+def _split_case(rank: int = 6, spread: float = 1.5):
+    """Inputs with most energy in few directions; a = Q(x - x B B^T) for their top-k basis B."""
+    w, x, _a, sxx, _sxa, _saa = _case(spread=spread)
+    basis = principal_basis(sxx, rank)
+    a = quantize_activations(x - x @ basis @ basis.T, ACT)
+    n = x.shape[0]
+    return w, x, a, basis, sxx, x.T @ a / n, a.T @ a / n
+
+
+def test_principal_basis_holds_the_most_input_energy() -> None:
+    _w, x, _a, sxx, _sxa, _saa = _case(spread=1.5)
+    basis = principal_basis(sxx, 5)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(5, dtype=torch.float64))
+    # Same energy as the top-5 right singular directions of the data; a random basis has less.
+    top = torch.linalg.svd(x, full_matrices=False).Vh[:5].T
+    energy = float(((x @ basis) ** 2).sum())
+    assert energy == pytest.approx(float(((x @ top) ** 2).sum()), rel=1e-9)
+    other = torch.linalg.qr(torch.randn(x.shape[1], 5, dtype=torch.float64)).Q
+    assert energy > float(((x @ other) ** 2).sum())
+
+
+def test_split_lowrank_step_is_the_regression_on_its_basis() -> None:
+    w, x, a, basis, sxx, sxa, saa = _split_case()
+    wq = rtn(w.float(), QuantSpec(bits=3, group_size=8)).dequantize().double()
+    lr = lowrank_step(w, wq, sxx, sxa, basis.shape[1], basis=basis)
+    torch.testing.assert_close(lr.a.double(), basis.float().double())
+    z = x @ basis
+    want = torch.linalg.lstsq(z, x @ w.T - a @ wq.T).solution.T  # U = argmin ||Y - U z||
+    torch.testing.assert_close(lr.b.double().T, want, atol=1e-4, rtol=1e-4)
+    got = lrc_objective(w, wq, lr.dense().double(), sxx, sxa, saa)
+    assert got == pytest.approx(_brute_objective(w, wq, lr.dense().double(), x, a), rel=1e-6)
+
+
+def test_split_relaxed_start_is_the_joint_regression_on_the_data() -> None:
+    # min over real Wq and U of ||W x - Wq a - U B^T x||: least squares on [a, z] jointly.
+    w, x, a, basis, sxx, sxa, saa = _split_case(spread=0.5)
+    assert torch.linalg.cond(torch.cat([a, x @ basis], 1)) < 1e3
+    lr = relaxed_lowrank(w, sxx, sxa, saa, basis.shape[1], basis=basis)
+    k = basis.shape[1]
+    coef = torch.linalg.lstsq(torch.cat([a, x @ basis], 1), x @ w.T).solution.T
+    torch.testing.assert_close(lr.b.double().T, coef[:, -k:], atol=1e-4, rtol=1e-4)
+    wq = lrc_target(w, lr.dense().double(), sxa, saa)
+    torch.testing.assert_close(wq, coef[:, :-k], atol=1e-4, rtol=1e-4)
+
+
+def test_split_input_beats_plain_lrc_when_energy_is_concentrated() -> None:
+    # The whole chain: statistics taken with the basis, the step's solve, the layer objective.
+    w, x, _a, _basis, sxx, _sxa, _saa = _split_case(rank=6)
+    spec = QuantSpec(bits=3, group_size=8)
+    results = {}
+    for split in (False, True):
+        step = LRCStep(rank=6, split=split)
+        b = step.input_basis(tuple(w.shape), sxx.float())
+        assert (b is None) != split
+        acc = StatsAccumulator({"hessian", "act_hessian", "act_cross"}, 40, x.device, ACT, b)
+        acc.update(x.float(), None)
+        stats = acc.finalize()
+        qw, lr, _ = step.solve(w.float(), stats, spec, GPTQStep())
+        xf = x.float()
+        xa = xf if b is None else xf - xf @ b @ b.T
+        y = quantize_activations(xa, ACT) @ qw.dequantize().T + (xf @ lr.a) @ lr.b
+        results[split] = float(((x @ w.T - y.double()) ** 2).sum() / x.shape[0])
+    assert results[True] < 0.7 * results[False], results
+
+
+def test_quant_linear_split_forward() -> None:
+    # y = Q(x - x A A^T) Wq^T + (x A) B with the stored (fp16) factors; raw LRC differs.
+    w, x, _a, basis, sxx, sxa, _saa = _split_case()
+    spec = QuantSpec(bits=4, group_size=8)
+    qw = rtn(w.float(), spec)
+    lr = lowrank_step(w, qw.dequantize().double(), sxx, sxa, 6, basis=basis.half().double())
+    kw = {"lowrank": lr, "act_spec": ACT}
+    split = QuantLinear.from_quantized(qw, torch.randn(24), lowrank_split=True, **kw)
+    raw = QuantLinear.from_quantized(qw, split.bias.data, lowrank_raw=True, **kw)
+    xf = x.float()
+    a, b = split.lowrank().factors()
+    xq = quantize_activations(xf - (xf @ a) @ a.T, ACT)
+    expected = xq @ qw.dequantize().T + split.bias + (xf @ a) @ b
+    torch.testing.assert_close(split(xf), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(raw(xf), expected, atol=1e-3)
+    assert "split" in repr(split)

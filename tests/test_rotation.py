@@ -83,7 +83,8 @@ def test_rotation_leaves_fp_logits_unchanged(make, heads: bool, online: bool) ->
     with torch.no_grad():
         ref = model(ids).logits
         rotated = copy.deepcopy(model)
-        rotate_model(rotated, get_adapter(rotated), heads=heads, online_down=online)
+        adapter = get_adapter(rotated)
+        rotate_model(rotated, adapter, heads=heads, online_down=online, online_o=online)
         out = rotated(ids).logits
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
     # The residual stream really is rotated, and the shared embedding/head were untied.
@@ -94,6 +95,7 @@ def test_rotation_leaves_fp_logits_unchanged(make, heads: bool, online: bool) ->
     assert rotated.config.tie_word_embeddings is False
     down = rotated.model.layers[0].mlp.down_proj
     assert isinstance(down, RotatedLinear) == online
+    assert isinstance(rotated.model.layers[0].self_attn.o_proj, RotatedLinear) == online
 
 
 def test_rotation_spreads_outlier_features() -> None:
@@ -159,13 +161,19 @@ def _calib(n: int = 12) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, 32), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("preset", ["quarot-rtn", "quarot-gptq", "quarot-gptq-lrc", "asym-lrc"])
+LRC_VARIANTS = {"asym-lrc": {"asymmetric": True}, "split-lrc": {"split": True}}
+
+
+@pytest.mark.parametrize(
+    "preset", ["quarot-rtn", "quarot-gptq", "quarot-gptq-lrc", "asym-lrc", "split-lrc"]
+)
 def test_quarot_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
     model = tiny_llama(hidden=96)
     _randomize_norms(model)
-    recipe = load_recipe("quarot-gptq-lrc" if preset == "asym-lrc" else preset)
-    if preset == "asym-lrc":  # LRC aimed at the FP output: keeps an FP stream
-        steps = [*recipe.steps[:-1], recipe.steps[-1].model_copy(update={"asymmetric": True})]
+    recipe = load_recipe("quarot-gptq-lrc" if preset in LRC_VARIANTS else preset)
+    if preset in LRC_VARIANTS:  # asym: aimed at the FP output (keeps an FP stream); split input
+        update = LRC_VARIANTS[preset]
+        steps = [*recipe.steps[:-1], recipe.steps[-1].model_copy(update=update)]
         recipe = recipe.model_copy(update={"steps": steps})
     qm = cp.quantize(
         LoadedModel(model, None, "tiny"),
@@ -185,7 +193,11 @@ def test_quarot_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(ids).logits, qm.model(ids).logits, atol=0, rtol=0)
     assert loaded.lm_head.weight is not loaded.get_input_embeddings().weight
     if preset.endswith("lrc"):
-        assert loaded.model.layers[0].self_attn.q_proj.lowrank_raw
+        q_proj = loaded.model.layers[0].self_attn.q_proj
+        assert q_proj.lowrank_raw and q_proj.lowrank_split == (preset == "split-lrc")
+        assert qm.quantization_config["lowrank_input"] == (
+            "split" if q_proj.lowrank_split else "raw"
+        )
 
 
 def test_rotation_barely_changes_a_fine_quantization() -> None:

@@ -208,6 +208,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             factor_bits=16 if lr_a is None or lr_a.is_floating_point() else 8,
             act_spec=acts,
             lowrank_raw=qc.get("lowrank_input") == "raw",
+            lowrank_split=qc.get("lowrank_input") == "split",
             rotation_sizes=rot_sizes,
         )
         replace_module(model, name, layer)

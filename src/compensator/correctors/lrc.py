@@ -26,6 +26,15 @@ Asymmetric variant (ours, GPTAQ's idea applied to LRC): aim at the FP model's ou
 W t with t = x + alpha (x_fp - x), instead of W x. Only the cross terms change:
 Stx = E t x^T replaces W's Sxx in M, Sta = E t a^T replaces Sxa in W* = (W Sta - L Sxa) Saa^-1.
 The functions take them as optional ``stx`` / ``sta``; without them t = x.
+
+Split input (ours): the quantized path reads the input less its top-k principal subspace,
+a = Q(x - B B^T x), and L = U B^T carries that subspace in FP (B: orthonormal, [in, k], the
+leading eigenvectors of Sxx). Same parameter count as L = U V^T; one more k x in product at
+run time. LLM activations put most of their energy in few directions (86-92% in the top
+k = 0.3-rank directions of SmolLM2's q/up inputs), so the quantized residual has a much
+smaller range and per-token rounding noise. The maths above is unchanged (Sxa, Saa are then
+statistics of that a); the low-rank step is a regression on the fixed z = B^T x instead of
+an Eckart-Young truncation: U = M B (B^T C B)^-1.
 """
 
 from __future__ import annotations
@@ -80,6 +89,26 @@ def _weighted_rank_k(m: torch.Tensor, chol: torch.Tensor, rank: int) -> LowRank:
     return LowRank(a.float(), b.float())
 
 
+def principal_basis(sxx: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` eigenvectors of Sxx as orthonormal columns [in, rank] (float64): the
+    k-dimensional subspace holding the most input energy."""
+    _, vecs = torch.linalg.eigh(sxx.double())
+    return vecs[:, -rank:].flip(1).contiguous()
+
+
+def _fixed_basis(m: torch.Tensor, chol: torch.Tensor, basis: torch.Tensor) -> LowRank:
+    """argmin over U of tr(L C L^T) - 2 tr(L M^T) with L = U B^T for a fixed basis B:
+    U = M B (B^T C B)^-1, as factors A = B, B_factor = U^T."""
+    b = basis.double()
+    cb = chol.T @ b  # C = chol chol^T, so B^T C B = (chol^T B)^T (chol^T B)
+    u = torch.cholesky_solve((m @ b).T, cholesky_damped(cb.T @ cb)).T
+    return LowRank(b.float(), u.T.float())
+
+
+def _fit(m: torch.Tensor, chol: torch.Tensor, rank: int, basis: torch.Tensor | None) -> LowRank:
+    return _weighted_rank_k(m, chol, rank) if basis is None else _fixed_basis(m, chol, basis)
+
+
 def lowrank_step(
     weight: torch.Tensor,
     rounded: torch.Tensor,
@@ -88,14 +117,15 @@ def lowrank_step(
     rank: int,
     damp: float = 0.0,
     stx: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
 ) -> LowRank | None:
     """The rank-``rank`` L minimizing f for fixed Wq = ``rounded``, as factors A [in, k],
-    B [k, out] with L = (A B)^T; None for rank 0."""
+    B [k, out] with L = (A B)^T (A = ``basis`` when given); None for rank 0."""
     if rank <= 0:
         return None
     w, wq = weight.double(), rounded.double()
     m = w @ (sxx if stx is None else stx).double() - wq @ sxa.double().T  # [out, in]
-    return _weighted_rank_k(m, cholesky_damped(sxx, damp), rank)
+    return _fit(m, cholesky_damped(sxx, damp), rank, basis)
 
 
 def relaxed_lowrank(
@@ -107,10 +137,11 @@ def relaxed_lowrank(
     damp: float = 0.0,
     stx: torch.Tensor | None = None,
     sta: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
 ) -> LowRank | None:
     """The rank-``rank`` L minimizing min over real Wq of f (the starting point above). With a
     target t the regression is of W t on x, both less what a predicts linearly:
-    M = W (Stx - Sta Saa^-1 Sax), Gram G = Sxx - Sxa Saa^-1 Sax."""
+    M = W (Stx - Sta Saa^-1 Sax), Gram G = Sxx - Sxa Saa^-1 Sax. With ``basis``, L = U B^T."""
     if rank <= 0:
         return None
     w, sxx, sxa = weight.double(), sxx.double(), sxa.double()
@@ -120,7 +151,7 @@ def relaxed_lowrank(
     cross = (sxx if stx is None else stx.double()) - (
         sxa if sta is None else sta.double()
     ) @ predicted
-    return _weighted_rank_k(w @ cross, cholesky_damped(g, damp), rank)
+    return _fit(w @ cross, cholesky_damped(g, damp), rank, basis)
 
 
 def lrc_objective(

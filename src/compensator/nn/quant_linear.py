@@ -27,7 +27,9 @@ class QuantLinear(nn.Module):
     fp16, or int8 codes with fp16 ``lr_a_scale``/``lr_b_scale`` [k] when ``factor_bits`` is 8;
     y = x Wq^T + (x A) B. Optional ``act_spec``: the input is quantized dynamically first;
     the low-rank term sees the quantized input too (LQER), or the unquantized one when
-    ``lowrank_raw`` (LRC). Optional online rotation ``rot_left``/``rot_right`` (float32,
+    ``lowrank_raw`` (LRC). With ``lowrank_split`` (LRC's split input) A has orthonormal
+    columns and the quantized path reads the input less A's subspace:
+    y = Q(x - x A A^T) Wq^T + (x A) B. Optional online rotation ``rot_left``/``rot_right`` (float32,
     L (x) R orthogonal): the input is multiplied by it before anything else.
     """
 
@@ -42,6 +44,7 @@ class QuantLinear(nn.Module):
         factor_bits: int = 16,
         act_spec: ActSpec | None = None,
         lowrank_raw: bool = False,
+        lowrank_split: bool = False,
         rotation_sizes: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
@@ -61,7 +64,8 @@ class QuantLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.rank, self.factor_bits, self.act_spec = rank, factor_bits, act_spec
-        self.lowrank_raw = lowrank_raw
+        self.lowrank_raw = lowrank_raw or lowrank_split
+        self.lowrank_split = lowrank_split
         if rotation_sizes is not None:
             a, b = rotation_sizes
             self.register_buffer("rot_left", torch.eye(a))
@@ -88,6 +92,7 @@ class QuantLinear(nn.Module):
         lowrank: LowRank | None = None,
         act_spec: ActSpec | None = None,
         lowrank_raw: bool = False,
+        lowrank_split: bool = False,
         rotation: Rotation | None = None,
     ) -> QuantLinear:
         out_features, in_features = qw.codes.shape
@@ -100,6 +105,7 @@ class QuantLinear(nn.Module):
             factor_bits=16 if lowrank is None or lowrank.bits is None else lowrank.bits,
             act_spec=act_spec,
             lowrank_raw=lowrank_raw,
+            lowrank_split=lowrank_split,
             rotation_sizes=None if rotation is None else (len(rotation[0]), len(rotation[1])),
         )
         if rotation is not None:
@@ -166,24 +172,31 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = rotate_input(self, x)
-        xq = x if self.act_spec is None else quantize_activations(x, self.act_spec)
         if self.weight_cache is None:
             self.weight_cache = self.dequantize_weight()
         w = self.weight_cache.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(xq, w, bias)
-        if self.rank:
-            if self.a_cache is None:
-                self.a_cache, self.b_cache = self.lowrank().factors()
-            xl = x if self.lowrank_raw else xq
-            y = y + (xl @ self.a_cache.to(x.dtype)) @ self.b_cache.to(x.dtype)
-        return y
+        if not self.rank:
+            return F.linear(self._quantize_input(x), w, bias)
+        if self.a_cache is None:
+            self.a_cache, self.b_cache = self.lowrank().factors()
+        a, b = self.a_cache.to(x.dtype), self.b_cache.to(x.dtype)
+        if self.lowrank_split:
+            z = x @ a
+            return F.linear(self._quantize_input(x - z @ a.T), w, bias) + z @ b
+        xq = self._quantize_input(x)
+        return F.linear(xq, w, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.act_spec is None else quantize_activations(x, self.act_spec)
 
     def extra_repr(self) -> str:
         extra = f", rank={self.rank}" if self.rank else ""
         if self.rank and self.factor_bits != 16:
             extra += f" (int{self.factor_bits})"
-        if self.rank and self.lowrank_raw:
+        if self.rank and self.lowrank_split:
+            extra += " on the unquantized input, its subspace split off the quantized one"
+        elif self.rank and self.lowrank_raw:
             extra += " on the unquantized input"
         if self.act_spec is not None:
             extra += f", {self.act_spec.label()}"

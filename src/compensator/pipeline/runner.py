@@ -129,21 +129,24 @@ def _collect_group_stats(
     device: torch.device,
     report: PipelineReport,
     act: ActSpec | None = None,
+    bases: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, LinearStats]:
     """Statistics of each named Linear's input over all calibration batches.
 
     Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
-    so X^T X is computed once per distinct input.
+    so X^T X is computed once per distinct input (and split basis, when given).
     """
+    basis = (bases or {}).get
     acc: dict[str, StatsAccumulator] = {}
     for b, (hidden, kwargs) in enumerate(zip(q_stream.hidden, q_stream.kwargs, strict=True)):
         xs = capture_linear_inputs(block, names, hidden, kwargs, device)
         if b == 0:
-            first_owner: dict[int, str] = {}
+            first_owner: dict[tuple[int, int], str] = {}
             for n in names:
-                owner = first_owner.setdefault(id(xs[n]), n)
+                owner = first_owner.setdefault((id(xs[n]), id(basis(n))), n)
                 if owner == n:
-                    acc[n] = StatsAccumulator(stat_names, xs[n].shape[-1], xs[n].device, act)
+                    d = xs[n].shape[-1]
+                    acc[n] = StatsAccumulator(stat_names, d, xs[n].device, act, basis(n))
                 else:
                     acc[n] = acc[owner]
         done: set[int] = set()
@@ -160,6 +163,34 @@ def _collect_group_stats(
         if id(a) not in finals:
             finals[id(a)] = a.finalize()
     return {n: finals[id(a)] for n, a in acc.items()}
+
+
+def _input_bases(
+    block: nn.Module,
+    group: list[tuple[str, nn.Linear]],
+    q_stream: Stream,
+    recipe: Recipe,
+    device: torch.device,
+    report: PipelineReport,
+) -> dict[str, torch.Tensor | None] | None:
+    """Each Linear's split basis (LRC's split input), from one extra pass for the inputs'
+    Hessian; None when no step splits its input. Same input and shape: the same basis."""
+    splitter = next((c for c in recipe.correctors if c.split_input()), None)
+    if splitter is None:
+        return None
+    names = [n for n, _ in group]
+    hessians = _collect_group_stats(block, names, q_stream, None, {"hessian"}, device, report)
+    memo: dict[tuple[int, tuple[int, int]], torch.Tensor | None] = {}
+    bases: dict[str, torch.Tensor | None] = {}
+    for name, linear in group:
+        shape = (linear.out_features, linear.in_features)
+        key = (id(hessians[name]), shape)
+        if key not in memo:
+            hessian = hessians[name].hessian
+            assert hessian is not None
+            memo[key] = splitter.input_basis(shape, hessian)
+        bases[name] = memo[key]
+    return bases
 
 
 def _fast_bfloat16(device: torch.device) -> bool:
@@ -255,6 +286,7 @@ def _round_group(
                 lowrank=lowranks[name],
                 act_spec=recipe.scheme.activations,
                 lowrank_raw=recipe.lowrank_input == "raw",
+                lowrank_split=recipe.lowrank_input == "split",
                 rotation=input_rotation(linear),
             )
         replace_module(block, name, layer)
@@ -352,6 +384,7 @@ def run_pipeline(
             if needs_data:
                 with _Timer(report, "forward"):
                     names = [n for n, _ in group]
+                    bases = _input_bases(block, group, q_stream, recipe, device, report)
                     stats = _collect_group_stats(
                         block,
                         names,
@@ -361,6 +394,7 @@ def run_pipeline(
                         device,
                         report,
                         recipe.scheme.activations,
+                        bases,
                     )
             with _Timer(report, "solve"):
                 _round_group(block, group, stats, recipe, learned)

@@ -17,13 +17,18 @@ from compensator.quant.act import ActSpec, quantize_activations
 
 class Statistic:
     needs_fp: ClassVar[bool] = False
+    # LRC's split input: the quantized path reads x - x B B^T (set by the accumulator).
+    basis: torch.Tensor | None = None
 
     def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
         self.tokens = 0
         self.act = act
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the layer will see it at run time (the scheme's activation quantizer)."""
+        """The input as the layer will see it at run time (the scheme's activation quantizer,
+        after taking out the split basis' subspace if there is one)."""
+        if self.basis is not None:
+            x = x - (x @ self.basis) @ self.basis.T
         return x if self.act is None else quantize_activations(x, self.act)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -173,17 +178,30 @@ class LinearStats:
     def fp_act_cross(self) -> torch.Tensor | None:
         return self.values.get("fp_act_cross")
 
+    @property
+    def act_basis(self) -> torch.Tensor | None:
+        """The split basis B the quantized-input statistics were taken with, if any."""
+        return self.values.get("act_basis")
+
 
 class StatsAccumulator:
     """All requested statistics for one Linear input."""
 
     def __init__(
-        self, names: set[str], d_in: int, device: torch.device, act: ActSpec | None = None
+        self,
+        names: set[str],
+        d_in: int,
+        device: torch.device,
+        act: ActSpec | None = None,
+        basis: torch.Tensor | None = None,
     ) -> None:
         unknown = names - STATISTICS.keys()
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}")
         self.stats = {n: STATISTICS[n](d_in, device, act) for n in sorted(names)}
+        self.basis = None if basis is None else basis.to(device=device, dtype=torch.float32)
+        for s in self.stats.values():
+            s.basis = self.basis
 
     @property
     def needs_fp(self) -> bool:
@@ -195,4 +213,7 @@ class StatsAccumulator:
 
     def finalize(self) -> LinearStats:
         tokens = max((s.tokens for s in self.stats.values()), default=0)
-        return LinearStats({n: s.result() for n, s in self.stats.items()}, tokens)
+        values = {n: s.result() for n, s in self.stats.items()}
+        if self.basis is not None:
+            values["act_basis"] = self.basis
+        return LinearStats(values, tokens)

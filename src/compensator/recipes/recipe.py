@@ -153,7 +153,10 @@ class Recipe(BaseModel):
 
     @property
     def lowrank_input(self) -> str:
-        """What the correctors' factors multiply: ``raw`` or ``quantized`` activations."""
+        """What the correctors' factors multiply: ``raw`` or ``quantized`` activations, or
+        ``split``: raw, with their subspace taken out of the quantized path's input."""
+        if any(s.split_input() for s in self.correctors):
+            return "split"
         return "raw" if any(s.raw_input() for s in self.correctors) else "quantized"
 
     def with_rank(self, rank: int | float | None) -> Recipe:

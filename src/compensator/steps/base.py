@@ -114,6 +114,15 @@ class CorrectorStep(StepConfig):
         """Whether the low-rank term multiplies the unquantized input (else the quantized)."""
         return False
 
+    def split_input(self) -> bool:
+        """Whether the quantized path reads the input less the low-rank term's subspace."""
+        return False
+
+    def input_basis(self, shape: tuple[int, int], hessian: torch.Tensor) -> torch.Tensor | None:
+        """The split basis [in, k] for a Linear of weight ``shape`` whose input has second
+        moments ``hessian``, taken before its quantized-input statistics; None: no split."""
+        return None
+
     def refine(
         self,
         weight: torch.Tensor,

@@ -8,7 +8,13 @@ import torch
 from pydantic import Field
 
 from compensator.correctors.lowrank import LowRank, resolve_rank
-from compensator.correctors.lrc import lowrank_step, lrc_objective, lrc_target, relaxed_lowrank
+from compensator.correctors.lrc import (
+    lowrank_step,
+    lrc_objective,
+    lrc_target,
+    principal_basis,
+    relaxed_lowrank,
+)
 from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
 from compensator.steps.base import RANK_HELP, LowRankCorrector, RounderStep, register_step
@@ -36,6 +42,11 @@ class LRCStep(LowRankCorrector):
     fp_precision: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="precision of the FP stream's forward (asymmetric only)"
     )
+    split: bool = Field(
+        False,
+        description="L = U B^T on the input's top-k principal subspace B, which the quantized "
+        "path no longer reads: Wq Q(x - B B^T x) (ours)",
+    )
 
     def stats(self) -> set[str]:
         base = {"hessian", "act_hessian", "act_cross"}
@@ -52,6 +63,16 @@ class LRCStep(LowRankCorrector):
 
     def raw_input(self) -> bool:
         return True
+
+    def split_input(self) -> bool:
+        return self.split
+
+    def input_basis(self, shape: tuple[int, int], hessian: torch.Tensor) -> torch.Tensor | None:
+        k = resolve_rank(self.rank, *shape)
+        if not self.split or k <= 0:
+            return None
+        # Rounded as the layer stores its factors, so statistics see the run-time projection.
+        return principal_basis(hessian, k).to(torch.float16).float()
 
     def refine(
         self,
@@ -75,6 +96,9 @@ class LRCStep(LowRankCorrector):
         sxx, sxa, saa = stats.hessian, stats.act_cross, stats.act_hessian
         assert sxx is not None and sxa is not None and saa is not None
         k = resolve_rank(self.rank, *weight.shape)
+        basis = stats.act_basis
+        if self.split and k > 0 and basis is None:
+            raise ValueError("split LRC needs statistics taken with its input basis")
         stx = sta = None
         if self.asymmetric:
             assert stats.fp_cross is not None and stats.fp_act_cross is not None
@@ -83,7 +107,7 @@ class LRCStep(LowRankCorrector):
         rounder_stats = LinearStats({"hessian": saa}, stats.tokens)
         dense = None
         if self.init == "relaxed":
-            start = relaxed_lowrank(weight, sxx, sxa, saa, k, self.damp, stx, sta)
+            start = relaxed_lowrank(weight, sxx, sxa, saa, k, self.damp, stx, sta, basis)
             dense = None if start is None else start.dense()
         best: tuple[float, QuantizedWeight, LowRank | None] | None = None
         history: list[float] = []
@@ -91,7 +115,7 @@ class LRCStep(LowRankCorrector):
             target = lrc_target(weight, dense, sxa, saa, self.damp, sta).to(weight.dtype)
             qw = rounder.round(target, rounder_stats, spec)
             wq = qw.dequantize()
-            lowrank = lowrank_step(weight, wq, sxx, sxa, k, self.damp, stx)
+            lowrank = lowrank_step(weight, wq, sxx, sxa, k, self.damp, stx, basis)
             dense = None if lowrank is None else lowrank.dense()
             objective = lrc_objective(weight, wq, dense, sxx, sxa, saa, stx, sta)
             history.append(objective)

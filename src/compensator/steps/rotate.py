@@ -24,6 +24,7 @@ class RotateStep(TransformStep):
     seed: int = 0
     heads: bool = Field(True, description="rotate each value head (v_proj/o_proj), offline")
     online_down: bool = Field(True, description="online Hadamard on down_proj's input")
+    online_o: bool = Field(False, description="online Hadamard on o_proj's input (mixes heads)")
 
     def transform_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
         rotate_model(
@@ -33,4 +34,5 @@ class RotateStep(TransformStep):
             rotation=self.rotation,
             heads=self.heads,
             online_down=self.online_down,
+            online_o=self.online_o,
         )

@@ -8,7 +8,9 @@ With Q orthogonal (d x d) and the residual stream carried as h Q instead of h:
 - optionally each value head is rotated by a Hadamard H of the head width (v_proj H^T per
   head, o_proj H per head; attention mixes tokens, never features, so this is exact);
 - optionally down_proj's input is rotated online: x K with K a Hadamard of the MLP width
-  and the weight W K (a :class:`RotatedLinear`).
+  and the weight W K (a :class:`RotatedLinear`); likewise o_proj's input (QuaRot's online
+  Hadamard across heads; here one of the full attention width, which also mixes heads,
+  since a Hadamard of the head count often does not exist: 9 heads in SmolLM2-135M).
 Outlier features of the stream are spread over all features, which is what lets 4-bit
 activations work. Everything is computed in float64 and stored back in the model's dtype.
 """
@@ -85,6 +87,18 @@ def _untie_head(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def _rotate_online(block: nn.Module, path: str, generator: torch.Generator) -> None:
+    """Fold a Hadamard K (random orthogonal where none is known) into the Linear at ``path``
+    as W K and make it rotate its input online."""
+    linear = _linear(block, path)
+    factors = hadamard_factors(linear.in_features)
+    if factors is None:  # stored dense: one factor, the other 1 x 1
+        factors = (random_orthogonal(linear.in_features, generator), torch.ones(1, 1))
+    k = torch.kron(factors[0].double(), factors[1].double())
+    _set(linear.weight, linear.weight.double() @ k)
+    replace_module(block, path, RotatedLinear(linear, *factors))
+
+
 def rotate_model(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -93,6 +107,7 @@ def rotate_model(
     rotation: str = "hadamard",
     heads: bool = True,
     online_down: bool = True,
+    online_o: bool = False,
 ) -> None:
     """Rotate ``model`` in place (see the module docstring); FP outputs are unchanged."""
     layout: RotationLayout | None = adapter.arch.rotation
@@ -139,12 +154,7 @@ def rotate_model(
                 out.weight,
                 out.weight.double() @ _head_matrix(out.in_features // head_dim, head_rot),
             )
-        if online_down:
-            down = _linear(block, layout.mlp_output)
-            factors = hadamard_factors(down.in_features)
-            if factors is None:  # stored dense: one factor, the other 1 x 1
-                dense = random_orthogonal(down.in_features, torch.Generator().manual_seed(seed + 2))
-                factors = (dense, torch.ones(1, 1))
-            k = torch.kron(factors[0].double(), factors[1].double())
-            _set(down.weight, down.weight.double() @ k)
-            replace_module(block, layout.mlp_output, RotatedLinear(down, *factors))
+        online = (online_o, layout.attn_output, 3), (online_down, layout.mlp_output, 2)
+        for enabled, path, seed_offset in online:
+            if enabled:
+                _rotate_online(block, path, torch.Generator().manual_seed(seed + seed_offset))
