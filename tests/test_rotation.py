@@ -198,6 +198,8 @@ def test_quarot_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
         assert qm.quantization_config["lowrank_input"] == (
             "split" if q_proj.lowrank_split else "raw"
         )
+        # Older readers would ignore the projection: a split checkpoint says it needs format 2.
+        assert qm.quantization_config["format_version"] == (2 if q_proj.lowrank_split else 1)
 
 
 def test_rotation_barely_changes_a_fine_quantization() -> None:

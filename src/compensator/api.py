@@ -13,6 +13,7 @@ from torch import nn
 
 from compensator import __version__
 from compensator.checkpoint import (
+    format_version,
     is_checkpoint,
     load_checkpoint,
     read_quantization_config,
@@ -148,7 +149,7 @@ def quantize(
     spec, acts = rec.scheme.weights, rec.scheme.activations
     qconfig = {
         "quant_method": "compensator",
-        "format_version": 1,
+        "format_version": format_version(rec.lowrank_input),
         "compensator_version": __version__,
         "weights": spec.model_dump(),
         "activations": None if acts is None else acts.model_dump(),

@@ -39,7 +39,14 @@ from compensator.quant.vq import VQSpec
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "compensator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lowrank_input "split" (older readers would ignore the projection)
+
+
+def format_version(lowrank_input: str) -> int:
+    """The oldest format that reads such a checkpoint right, so older readers refuse it."""
+    return 2 if lowrank_input == "split" else 1
+
+
 WEIGHTS_FILE = "model.safetensors"
 
 

@@ -30,8 +30,8 @@ The functions take them as optional ``stx`` / ``sta``; without them t = x.
 Split input (ours): the quantized path reads the input less its top-k principal subspace,
 a = Q(x - B B^T x), and L = U B^T carries that subspace in FP (B: orthonormal, [in, k], the
 leading eigenvectors of Sxx). Same parameter count as L = U V^T; one more k x in product at
-run time. LLM activations put most of their energy in few directions (86-92% in the top
-k = 0.3-rank directions of SmolLM2's q/up inputs), so the quantized residual has a much
+run time. LLM activations put most of their energy in few directions, and a rotation
+spreads outlier features but not that subspace, so the quantized residual has a much
 smaller range and per-token rounding noise. The maths above is unchanged (Sxa, Saa are then
 statistics of that a); the low-rank step is a regression on the fixed z = B^T x instead of
 an Eckart-Young truncation: U = M B (B^T C B)^-1.
@@ -92,6 +92,8 @@ def _weighted_rank_k(m: torch.Tensor, chol: torch.Tensor, rank: int) -> LowRank:
 def principal_basis(sxx: torch.Tensor, rank: int) -> torch.Tensor:
     """The top-``rank`` eigenvectors of Sxx as orthonormal columns [in, rank] (float64): the
     k-dimensional subspace holding the most input energy."""
+    if not 0 < rank <= sxx.shape[0]:
+        raise ValueError(f"a principal basis needs 0 < rank <= {sxx.shape[0]}, got {rank}")
     _, vecs = torch.linalg.eigh(sxx.double())
     return vecs[:, -rank:].flip(1).contiguous()
 

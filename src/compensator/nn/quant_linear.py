@@ -182,8 +182,12 @@ class QuantLinear(nn.Module):
             self.a_cache, self.b_cache = self.lowrank().factors()
         a, b = self.a_cache.to(x.dtype), self.b_cache.to(x.dtype)
         if self.lowrank_split:
-            z = x @ a
-            return F.linear(self._quantize_input(x - z @ a.T), w, bias) + z @ b
+            # In float32 as calibrated: the subtraction cancels most of x's energy, which
+            # bfloat16 would not resolve.
+            a32 = self.a_cache.float()
+            z = x.float() @ a32
+            xq = self._quantize_input(x.float() - z @ a32.T).to(x.dtype)
+            return F.linear(xq, w, bias) + z.to(x.dtype) @ b
         xq = self._quantize_input(x)
         return F.linear(xq, w, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
 

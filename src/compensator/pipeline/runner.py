@@ -136,7 +136,10 @@ def _collect_group_stats(
     Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
     so X^T X is computed once per distinct input (and split basis, when given).
     """
-    basis = (bases or {}).get
+
+    def basis(name: str) -> torch.Tensor | None:
+        return None if bases is None else bases.get(name)
+
     acc: dict[str, StatsAccumulator] = {}
     for b, (hidden, kwargs) in enumerate(zip(q_stream.hidden, q_stream.kwargs, strict=True)):
         xs = capture_linear_inputs(block, names, hidden, kwargs, device)

@@ -17,12 +17,18 @@ from compensator.quant.act import ActSpec, quantize_activations
 
 class Statistic:
     needs_fp: ClassVar[bool] = False
-    # LRC's split input: the quantized path reads x - x B B^T (set by the accumulator).
-    basis: torch.Tensor | None = None
 
-    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device,
+        act: ActSpec | None = None,
+        basis: torch.Tensor | None = None,
+    ) -> None:
         self.tokens = 0
         self.act = act
+        # LRC's split input: the quantized path reads x - x B B^T.
+        self.basis = basis
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the layer will see it at run time (the scheme's activation quantizer,
@@ -41,8 +47,14 @@ class Statistic:
 class Hessian(Statistic):
     """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2."""
 
-    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
-        super().__init__(d_in, device, act)
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device,
+        act: ActSpec | None = None,
+        basis: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(d_in, device, act, basis)
         self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -67,8 +79,14 @@ class FPCross(Statistic):
     needs_fp = True
     bfloat16: ClassVar[bool] = False
 
-    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
-        super().__init__(d_in, device, act)
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device,
+        act: ActSpec | None = None,
+        basis: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(d_in, device, act, basis)
         self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -100,8 +118,14 @@ class FPCrossBF16(FPCross):
 class AbsMean(Statistic):
     """Per-feature mean |x| over each batch's tokens, the maximum over batches (L2QER's s)."""
 
-    def __init__(self, d_in: int, device: torch.device, act: ActSpec | None = None) -> None:
-        super().__init__(d_in, device, act)
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device,
+        act: ActSpec | None = None,
+        basis: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(d_in, device, act, basis)
         self.max = torch.zeros(d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
@@ -198,10 +222,8 @@ class StatsAccumulator:
         unknown = names - STATISTICS.keys()
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}")
-        self.stats = {n: STATISTICS[n](d_in, device, act) for n in sorted(names)}
         self.basis = None if basis is None else basis.to(device=device, dtype=torch.float32)
-        for s in self.stats.values():
-            s.basis = self.basis
+        self.stats = {n: STATISTICS[n](d_in, device, act, self.basis) for n in sorted(names)}
 
     @property
     def needs_fp(self) -> bool:

@@ -97,8 +97,8 @@ class LRCStep(LowRankCorrector):
         assert sxx is not None and sxa is not None and saa is not None
         k = resolve_rank(self.rank, *weight.shape)
         basis = stats.act_basis
-        if self.split and k > 0 and basis is None:
-            raise ValueError("split LRC needs statistics taken with its input basis")
+        if self.split and k > 0 and (basis is None or basis.shape[1] != k):
+            raise ValueError("split LRC needs statistics taken with its rank-k input basis")
         stx = sta = None
         if self.asymmetric:
             assert stats.fp_cross is not None and stats.fp_act_cross is not None

@@ -86,7 +86,6 @@ def _untie_head(model: nn.Module) -> nn.Module:
     return head
 
 
-@torch.no_grad()
 def _rotate_online(block: nn.Module, path: str, generator: torch.Generator) -> None:
     """Fold a Hadamard K (random orthogonal where none is known) into the Linear at ``path``
     as W K and make it rotate its input online."""
@@ -99,6 +98,7 @@ def _rotate_online(block: nn.Module, path: str, generator: torch.Generator) -> N
     replace_module(block, path, RotatedLinear(linear, *factors))
 
 
+@torch.no_grad()
 def rotate_model(
     model: nn.Module,
     adapter: ModelAdapter,
