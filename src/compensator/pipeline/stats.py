@@ -44,8 +44,8 @@ class Statistic:
         raise NotImplementedError
 
 
-class Hessian(Statistic):
-    """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2."""
+class _GramMean(Statistic):
+    """A d_in x d_in sum of products over tokens; the result is its mean."""
 
     def __init__(
         self,
@@ -56,6 +56,13 @@ class Hessian(Statistic):
     ) -> None:
         super().__init__(d_in, device, act, basis)
         self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+class Hessian(_GramMean):
+    """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2."""
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -68,26 +75,13 @@ class Hessian(Statistic):
     def right(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def result(self) -> torch.Tensor:
-        return self.sum / max(self.tokens, 1)
 
-
-class FPCross(Statistic):
+class FPCross(_GramMean):
     """D = mean over tokens of (x_fp - x) x^T: how the FP model's input to this Linear differs
     from the quantized model's, correlated with the latter (GPTAQ's asymmetric term)."""
 
     needs_fp = True
     bfloat16: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        d_in: int,
-        device: torch.device,
-        act: ActSpec | None = None,
-        basis: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(d_in, device, act, basis)
-        self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         if x_fp is None:
@@ -103,9 +97,6 @@ class FPCross(Statistic):
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-    def result(self) -> torch.Tensor:
-        return self.sum / max(self.tokens, 1)
 
 
 class FPCrossBF16(FPCross):
