@@ -180,7 +180,7 @@ class QuantLinear(nn.Module):
             return F.linear(self._quantize_input(x), w, bias)
         if self.a_cache is None:
             self.a_cache, self.b_cache = self.lowrank().factors()
-        a, b = self.a_cache.to(x.dtype), self.b_cache.to(x.dtype)
+        b = self.b_cache.to(x.dtype)
         if self.lowrank_split:
             # In float32 as calibrated: the subtraction cancels most of x's energy, which
             # bfloat16 would not resolve.
@@ -188,6 +188,7 @@ class QuantLinear(nn.Module):
             z = x.float() @ a32
             xq = self._quantize_input(x.float() - z @ a32.T).to(x.dtype)
             return F.linear(xq, w, bias) + z.to(x.dtype) @ b
+        a = self.a_cache.to(x.dtype)
         xq = self._quantize_input(x)
         return F.linear(xq, w, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
 

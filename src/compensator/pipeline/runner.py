@@ -175,9 +175,10 @@ def _input_bases(
     recipe: Recipe,
     device: torch.device,
     report: PipelineReport,
-) -> dict[str, torch.Tensor | None] | None:
-    """Each Linear's split basis (LRC's split input), from one extra pass for the inputs'
-    Hessian; None when no step splits its input. Same input and shape: the same basis."""
+) -> tuple[dict[str, torch.Tensor | None], dict[str, LinearStats]] | None:
+    """Each Linear's split basis (LRC's split input) and the Hessian statistics it came from,
+    from one extra pass; None when no step splits its input. Same input and shape: the same
+    basis."""
     splitter = next((c for c in recipe.correctors if c.split_input()), None)
     if splitter is None:
         return None
@@ -193,7 +194,7 @@ def _input_bases(
             assert hessian is not None
             memo[key] = splitter.input_basis(shape, hessian)
         bases[name] = memo[key]
-    return bases
+    return bases, hessians
 
 
 def _fast_bfloat16(device: torch.device) -> bool:
@@ -387,18 +388,21 @@ def run_pipeline(
             if needs_data:
                 with _Timer(report, "forward"):
                     names = [n for n, _ in group]
-                    bases = _input_bases(block, group, q_stream, recipe, device, report)
+                    split = _input_bases(block, group, q_stream, recipe, device, report)
                     stats = _collect_group_stats(
                         block,
                         names,
                         q_stream,
                         fp_inputs,
-                        stat_names,
+                        stat_names if split is None else stat_names - {"hessian"},
                         device,
                         report,
                         recipe.scheme.activations,
-                        bases,
+                        None if split is None else split[0],
                     )
+                    if split is not None and "hessian" in stat_names:  # taken by the first pass
+                        for name, s in stats.items():
+                            s.values["hessian"] = split[1][name].values["hessian"]
             with _Timer(report, "solve"):
                 _round_group(block, group, stats, recipe, learned)
             report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]

@@ -131,11 +131,10 @@ class AbsMean(Statistic):
 class ActHessian(Hessian):
     """S_aa = mean of a a^T with a = Q(x), the quantized input (LRC's Hessian for Wq)."""
 
-    def left(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantized(x)
-
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantized(x)
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+        a = self.quantized(x.reshape(-1, x.shape[-1]).float())  # once, not per side
+        self.sum.addmm_(a.T, a)
+        self.tokens += a.shape[0]
 
 
 class ActCross(Hessian):
