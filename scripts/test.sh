@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export COMPENSATOR_DATA=${COMPENSATOR_DATA:-$(cd .. && pwd)/shared/data}
+# Every test runs here: one whose model or data is missing fails instead of skipping.
+export COMPENSATOR_REQUIRE_ALL=1
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 python -m pytest -q "$@"

@@ -26,6 +26,7 @@ from compensator.data import (
     tokenize_text,
 )
 from compensator.errors import CompensatorError
+from conftest import require
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 WIKI_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
@@ -51,8 +52,10 @@ def no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def shared_data(monkeypatch: pytest.MonkeyPatch) -> Path:
-    if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
-        pytest.skip(f"shared data dir {SHARED_DATA} is absent")
+    require(
+        (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(),
+        f"shared data dir {SHARED_DATA} is absent",
+    )
     monkeypatch.setenv(data.DATA_ENV, str(SHARED_DATA))
     return SHARED_DATA
 

@@ -8,10 +8,12 @@ import torch
 import compensator as cp
 from compensator.pipeline.stats import FPCross, FPCrossBF16
 from compensator.quant import QuantSpec
-from compensator.quant.spec import dequantize_codes, fit_group, quantize_codes
+from compensator.quant.grid import fit_group
+from compensator.quant.spec import dequantize_codes, quantize_codes
 from compensator.recipes import Recipe, Scheme
-from compensator.rounders import gptq, prepare_hessian
-from compensator.rounders.gptq import future_share, inverse_cholesky_upper
+from compensator.rounders import gptaq, gptq, prepare_hessian
+from compensator.rounders.gptaq import future_share
+from compensator.rounders.gptq import inverse_cholesky_upper
 from compensator.steps.gptq import GPTQStep
 from conftest import VOCAB, tiny_llama
 
@@ -92,7 +94,7 @@ def test_blocked_equals_column_reference(act_order: bool, alpha: float, beta: fl
     w, _, _, h, d = _problem(1)
     spec = QuantSpec(bits=3, group_size=16, scale_dtype="float32")
     ref = _column_reference(w, h, d, spec, alpha=alpha, beta=beta, act_order=act_order)
-    got = gptq(
+    got = gptaq(
         w, h, spec, block_size=7, act_order=act_order, fp_cross=d, alpha=alpha,
         compensation_aware=beta != 0, beta=beta,
     )  # fmt: skip
@@ -103,7 +105,7 @@ def test_reduces_to_gptq_when_inputs_agree() -> None:
     w, _, _, h, _ = _problem(2)
     spec = QuantSpec(bits=3, group_size=16)
     plain = gptq(w, h, spec)
-    asym = gptq(w, h, spec, fp_cross=torch.zeros_like(h), alpha=1.0)
+    asym = gptaq(w, h, spec, fp_cross=torch.zeros_like(h), alpha=1.0)
     assert torch.equal(plain.codes, asym.codes)
     assert torch.equal(plain.params.scale, asym.params.scale)
 
@@ -126,9 +128,9 @@ def test_each_refinement_lowers_the_true_error(bits: int, group_size: int | None
         w, x, x_fp, h, d = _problem(10 + seed)
         variants = {
             "gptq": gptq(w, h, spec),
-            "gptaq-0.25": gptq(w, h, spec, fp_cross=d, alpha=0.25),
-            "gptaq-1": gptq(w, h, spec, fp_cross=d, alpha=1.0),
-            "exact": gptq(w, h, spec, fp_cross=d, asymmetric_form="exact"),
+            "gptaq-0.25": gptaq(w, h, spec, fp_cross=d, alpha=0.25),
+            "gptaq-1": gptaq(w, h, spec, fp_cross=d, alpha=1.0),
+            "exact": gptaq(w, h, spec, fp_cross=d, asymmetric_form="exact"),
         }
         for k, q in variants.items():
             errs[k] += _target_error(w, q.dequantize().double(), x, x_fp)
@@ -142,7 +144,7 @@ def test_exact_form_is_the_sequential_least_squares_optimum() -> None:
     """After each column is rounded, the rest equal argmin ||W_F X_F - (W0 X_fp - Q X_fixed)||."""
     w, x, x_fp, h, d = _problem(4, cols=24)
     spec = QuantSpec(bits=3, group_size=None, scale_dtype="float32")
-    got = gptq(w, h, spec, fp_cross=d, asymmetric_form="exact", act_order=False, damp=1e-9)
+    got = gptaq(w, h, spec, fp_cross=d, asymmetric_form="exact", act_order=False, damp=1e-9)
     q = got.dequantize().double()
     n = w.shape[1]
     # The last column is rounded from the least-squares value given all the others.
@@ -157,7 +159,7 @@ def test_exact_form_is_the_sequential_least_squares_optimum() -> None:
 def test_lazy_variants_stay_valid(source: str) -> None:
     w, x, x_fp, h, d = _problem(3)
     spec = QuantSpec(bits=2, group_size=16)
-    q = gptq(w, h, spec, fp_cross=d, compensation_aware=True, lazy_source=source)
+    q = gptaq(w, h, spec, fp_cross=d, compensation_aware=True, lazy_source=source)
     assert q.codes.max() <= spec.maxq
     assert torch.isfinite(q.dequantize()).all()
     err = _target_error(w, q.dequantize().double(), x, x_fp)

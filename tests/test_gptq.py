@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from compensator.quant import QuantSpec, fit_params
-from compensator.quant.spec import dequantize_codes, fit_group, quantize_codes
+from compensator.quant.grid import fit_group
+from compensator.quant.spec import dequantize_codes, quantize_codes
 from compensator.rounders import gptq, prepare_hessian, rtn
 
 

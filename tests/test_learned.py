@@ -17,7 +17,8 @@ from compensator.learn.trainer import TrainSettings, effective, fold, train_bloc
 from compensator.models.loading import LoadedModel
 from compensator.nn import QuantLinear
 from compensator.pipeline.streams import block_output
-from compensator.quant.spec import QuantSpec, fake_quantize, fit_params
+from compensator.quant.grid import fake_quantize, fit_params
+from compensator.quant.spec import QuantSpec
 from compensator.recipes import load_recipe
 from compensator.recipes.recipe import Recipe
 from conftest import VOCAB, first_block, tiny_llama, tiny_qwen2
@@ -91,16 +92,14 @@ def test_let_fold_leaves_fp_outputs_unchanged(make) -> None:
     ref = copy.deepcopy(block)
     fold(block, [let])
     assert not torch.equal(block.input_layernorm.weight, ref.input_layernorm.weight)
-    for h, kw in zip(data.q_hidden, data.kwargs, strict=True):
+    for h, kw in zip(data.hidden, data.kwargs, strict=True):
         with torch.no_grad():
             got, want = block_output(block(h, **kw)), block_output(ref(h, **kw))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _train(learners, block, linears, data, spec, epochs=3, act=None):
-    return train_block(
-        block, learners, linears, data, spec, act, TrainSettings(epochs=epochs), torch.device("cpu")
-    )
+    return train_block(data, learners, spec, act, TrainSettings(epochs=epochs))
 
 
 def test_a_few_steps_lower_the_block_loss() -> None:
@@ -245,14 +244,16 @@ def test_cross_layer_changes_what_is_learned() -> None:
 
 
 def test_learned_recipe_validation() -> None:
-    with pytest.raises(ValueError, match="asymmetric calibration"):
+    with pytest.raises(ValueError, match="let and gptq do not compose: let rescales what"):
         Recipe(steps=[{"let": {}}, {"lwc": {}}, {"gptq": {"asymmetric": True}}])
-    Recipe(steps=[{"lwc": {}}, {"sde": {}}, {"gptq": {"asymmetric": True}}])  # inputs unmoved
-    with pytest.raises(ValueError, match="overlap"):
+    Recipe(steps=[{"sde": {}}, {"lwc": {}}, {"gptq": {"asymmetric": True}}])  # inputs unmoved
+    with pytest.raises(ValueError, match="lsi and sde are both the weights learner"):
         Recipe(steps=[{"lsi": {}}, {"sde": {}}, {"rtn": {}}])
-    with pytest.raises(ValueError, match="needs a learned step"):
+    with pytest.raises(ValueError, match="train needs a learned step"):
         Recipe(steps=[{"train": {}}, {"rtn": {}}])
-    with pytest.raises(CompensatorError, match="--epochs needs a learned recipe"):
+    with pytest.raises(ValueError, match=r"'sde' \(learner\) is listed after 'lwc'"):
+        Recipe(steps=[{"lwc": {}}, {"sde": {}}, {"rtn": {}}])
+    with pytest.raises(CompensatorError, match="--epochs needs a recipe with a learned step"):
         load_recipe("gptq").with_epochs(3)
     r = load_recipe("sde").with_epochs(3)
     assert r.trainer.epochs == 3 and r.trainer.batch_size == 1

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import compensator as cp
+from compensator.checkpoint import read_quantization_config
 from compensator.correctors import LowRank, l2qer_scale, lqer, resolve_rank
 from compensator.errors import CompensatorError
 from compensator.nn import QuantLinear
-from compensator.nn.quant_linear import bits_per_weight
+from compensator.nn.layers import bits_per_weight
 from compensator.quant import QuantSpec
 from compensator.quant.act import ActSpec, quantize_activations, quantize_mx, quantize_per_token
 from compensator.recipes import Recipe, Scheme, load_recipe
@@ -76,9 +77,10 @@ def test_rank_zero_and_rank_resolution() -> None:
     w, wq = _error_case()
     assert lqer(w, wq, 0) is None
     assert resolve_rank(32, 576, 1536) == 32
-    assert resolve_rank(0.1, 576, 1536) == 42  # 0.1 * 576 * 1536 / 2112
+    assert resolve_rank("10%", 576, 1536) == 42  # 0.1 * 576 * 1536 / 2112
     assert resolve_rank(5000, 64, 96) == 64
-    assert resolve_rank(1.0, 64, 96) == 38
+    assert resolve_rank("100%", 64, 96) == 38
+    assert resolve_rank("12.5%", 64, 64) == 4
 
 
 def test_l2qer_scale_normalisation() -> None:
@@ -189,10 +191,10 @@ def test_lowrank_lowers_output_error_and_later_layers_see_it() -> None:
 
 def test_checkpoint_round_trip_with_factors_and_w4a8(tmp_path: Path) -> None:
     ids = _calib()
-    recipe = _recipe("gptq", rank=0.25, factor_bits=8).with_act_bits(8)
+    recipe = _recipe("gptq", rank="25%", factor_bits=8).with_act_bits(8)
     qm = cp.quantize(tiny_llama(), recipe, tokenizer=object(), calibration=ids, progress=False)
     layers = [m for m in qm.model.modules() if isinstance(m, QuantLinear)]
-    assert all(m.rank == resolve_rank(0.25, m.out_features, m.in_features) for m in layers)
+    assert all(m.rank == resolve_rank("25%", m.out_features, m.in_features) for m in layers)
     assert {m.rank for m in layers} == {5, 8, 10}  # e.g. 0.25 * 64 * 96 / 160 = 9.6
     assert all(m.act_spec == ActSpec(bits=8) for m in layers)
     qm.tokenizer = None
@@ -203,7 +205,9 @@ def test_checkpoint_round_trip_with_factors_and_w4a8(tmp_path: Path) -> None:
     reloaded = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert [m.rank for m in reloaded] == [m.rank for m in layers]
     assert all(m.factor_bits == 8 and m.act_spec is not None for m in reloaded)
-    assert loaded.compensator_config["activations"]["bits"] == 8
+    qc = read_quantization_config(path)["quantization_config"]
+    assert qc["activations"]["bits"] == 8
+    assert {r["factor_bits"] for r in qc["layers"].values()} == {8}
 
 
 def test_bits_per_weight_counts_codes_scales_zeros_and_factors() -> None:
@@ -236,5 +240,13 @@ def test_presets_and_overrides() -> None:
         load_recipe("gptq").with_rank(8)
     with pytest.raises(CompensatorError, match="--rank"):
         load_recipe("gptq-l2qer").with_rank(1.5)
-    with pytest.raises(ValueError, match="at most one corrector"):
+    with pytest.raises(ValueError, match="'lqer' appears more than once"):
         Recipe(steps=[{"rtn": {}}, {"lqer": {}}, {"lqer": {"rank": 4}}])
+    with pytest.raises(ValueError, match="at most 1 corrector step, got lqer, lrc"):
+        Recipe(steps=[{"rtn": {}}, {"lqer": {}}, {"lrc": {"rank": 4}}])
+    with pytest.raises(ValueError, match=r"'rtn' \(rounder\) is listed after 'lqer'"):
+        Recipe(steps=[{"lqer": {}}, {"rtn": {}}])
+    assert Recipe(steps=[{"rtn": {}}, {"lqer": {"rank": "16"}}]).correctors[0].rank == 16
+    for bad in (0.3, "abc", "0%", "120%", True, -1):
+        with pytest.raises(ValueError, match="rank"):
+            Recipe(steps=[{"rtn": {}}, {"lqer": {"rank": bad}}])

@@ -14,13 +14,14 @@ from compensator.correctors.lrc import (
     relaxed_lowrank,
 )
 from compensator.nn.quant_linear import QuantLinear
-from compensator.pipeline.stats import LinearStats, StatsAccumulator
+from compensator.pipeline.stats import StatsAccumulator
 from compensator.quant import QuantSpec
 from compensator.quant.act import ActSpec, quantize_activations
 from compensator.rounders import rtn
 from compensator.steps.gptq import GPTQStep
 from compensator.steps.lrc import LRCStep
 from compensator.steps.rtn import RTNStep
+from compensator.types import LinearStats
 
 ACT = ActSpec(bits=4, clip_ratio=0.9)
 
@@ -163,8 +164,10 @@ def test_relaxed_start_beats_zero_start() -> None:
     spec = QuantSpec(bits=3, group_size=8)
     stats = _stats(sxx, sxa, saa)
     for iterations in (1, 3):
-        relaxed = LRCStep(rank=6, iterations=iterations).solve(w.float(), stats, spec, GPTQStep())
-        zero = LRCStep(rank=6, iterations=iterations, init="zero").solve(
+        relaxed = LRCStep(rank=6, iterations=iterations).solve_with_history(
+            w.float(), stats, spec, GPTQStep()
+        )
+        zero = LRCStep(rank=6, iterations=iterations, init="zero").solve_with_history(
             w.float(), stats, spec, GPTQStep()
         )
         assert min(relaxed[2]) < min(zero[2])
@@ -179,7 +182,7 @@ def test_lrc_iterations_never_raise_the_objective(rounder, init: str) -> None:
     previous = None
     for iterations in (1, 2, 3, 4):
         step = LRCStep(rank=4, iterations=iterations, init=init)
-        qw, lr, history = step.solve(w.float(), stats, spec, rounder)
+        qw, lr, history = step.solve_with_history(w.float(), stats, spec, rounder)
         got = lrc_objective(w, qw.dequantize().double(), lr.dense().double(), sxx, sxa, saa)
         assert got == pytest.approx(min(history), rel=1e-5)
         if previous is not None:
@@ -194,7 +197,7 @@ def test_lrc_rank_zero_is_activation_aware_rounding() -> None:
     w, _x, _a, sxx, sxa, saa = _case()
     spec = QuantSpec(bits=4, group_size=8)
     step = LRCStep(rank=0)
-    qw, lr, _ = step.solve(w.float(), _stats(sxx, sxa, saa), spec, GPTQStep())
+    qw, lr = step.solve(w.float(), _stats(sxx, sxa, saa), spec, GPTQStep())
     assert lr is None
     target = lrc_target(w.float(), None, sxa.float(), saa.float(), step.damp).float()
     want = GPTQStep().round(target, LinearStats({"hessian": saa.float()}, 600), spec)
@@ -202,8 +205,8 @@ def test_lrc_rank_zero_is_activation_aware_rounding() -> None:
 
 
 def test_rank_fraction_is_a_share_of_parameters() -> None:
-    assert resolve_rank(0.3, 576, 1536) == 126  # 0.3 * 576 * 1536 / 2112 = 125.7
-    assert resolve_rank(0.3, 64, 64) == 10
+    assert resolve_rank("30%", 576, 1536) == 126  # 0.3 * 576 * 1536 / 2112 = 125.7
+    assert resolve_rank("30%", 64, 64) == 10
 
 
 def test_activation_statistics_match_their_definitions() -> None:
@@ -317,7 +320,7 @@ def test_split_input_beats_plain_lrc_when_energy_is_concentrated() -> None:
         acc = StatsAccumulator({"hessian", "act_hessian", "act_cross"}, 40, x.device, ACT, b)
         acc.update(x.float(), None)
         stats = acc.finalize()
-        qw, lr, _ = step.solve(w.float(), stats, spec, GPTQStep())
+        qw, lr = step.solve(w.float(), stats, spec, GPTQStep())
         xf = x.float()
         xa = xf if b is None else xf - xf @ b @ b.T
         y = quantize_activations(xa, ACT) @ qw.dequantize().T + (xf @ lr.a) @ lr.b
@@ -332,8 +335,8 @@ def test_quant_linear_split_forward() -> None:
     qw = rtn(w.float(), spec)
     lr = lowrank_step(w, qw.dequantize().double(), sxx, sxa, 6, basis=basis.half().double())
     kw = {"lowrank": lr, "act_spec": ACT}
-    split = QuantLinear.from_quantized(qw, torch.randn(24), lowrank_split=True, **kw)
-    raw = QuantLinear.from_quantized(qw, split.bias.data, lowrank_raw=True, **kw)
+    split = QuantLinear.from_quantized(qw, torch.randn(24), lowrank_input="split", **kw)
+    raw = QuantLinear.from_quantized(qw, split.bias.data, lowrank_input="raw", **kw)
     xf = x.float()
     a, b = split.lowrank().factors()
     xq = quantize_activations(xf - (xf @ a) @ a.T, ACT)

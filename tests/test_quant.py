@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compensator.quant import QuantSpec, fake_quantize, fit_params, pack_int32, unpack_int32
-from compensator.quant.spec import quantize_with_params
+from compensator.quant.grid import quantize_with_params
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -14,7 +14,7 @@ from compensator.pipeline.streams import (
     run_block,
 )
 from compensator.quant import QuantSpec
-from compensator.quant.spec import fit_group
+from compensator.quant.grid import fit_group
 from compensator.rounders import gptq, rtn
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -10,18 +11,15 @@ import torch
 
 import compensator as cp
 from compensator.errors import CompensatorError
+from compensator.linalg import kron_apply
 from compensator.models.adapter import get_adapter
 from compensator.models.loading import LoadedModel
 from compensator.nn import QuantLinear
 from compensator.nn.rotated import RotatedLinear
 from compensator.quant.act import ActSpec, quantize_activations, quantize_per_token
 from compensator.recipes import load_recipe
-from compensator.transforms.hadamard import (
-    hadamard_factors,
-    kron_apply,
-    random_orthogonal,
-    random_rotation,
-)
+from compensator.steps.rotate import RotateStep
+from compensator.transforms.hadamard import hadamard_factors, random_orthogonal, random_rotation
 from compensator.transforms.rotation import rotate_model
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
@@ -84,7 +82,10 @@ def test_rotation_leaves_fp_logits_unchanged(make, heads: bool, online: bool) ->
         ref = model(ids).logits
         rotated = copy.deepcopy(model)
         adapter = get_adapter(rotated)
-        rotate_model(rotated, adapter, heads=heads, online_down=online, online_o=online)
+        rotate_model(
+            rotated, adapter.blocks(rotated), adapter.arch.rotation,
+            heads=heads, online_down=online, online_o=online,
+        )  # fmt: skip
         out = rotated(ids).logits
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
     # The residual stream really is rotated, and the shared embedding/head were untied.
@@ -109,15 +110,15 @@ def test_rotation_spreads_outlier_features() -> None:
         return (h.abs().amax(-1) / h.pow(2).mean(-1).sqrt()).mean().item()
 
     before = max_over_rms(model)
-    rotate_model(model, get_adapter(model))
+    RotateStep().transform_model(model, get_adapter(model))
     assert max_over_rms(model) < 0.5 * before
 
 
 def test_rotation_refuses_unsupported_and_twice() -> None:
     model = tiny_llama(hidden=96)
-    rotate_model(model, get_adapter(model))
+    RotateStep().transform_model(model, get_adapter(model))
     with pytest.raises(CompensatorError, match=r"not a plain nn\.Linear"):
-        rotate_model(model, get_adapter(model))
+        RotateStep().transform_model(model, get_adapter(model))
     from transformers import OPTConfig, OPTForCausalLM
 
     opt = OPTForCausalLM(
@@ -131,7 +132,7 @@ def test_rotation_refuses_unsupported_and_twice() -> None:
         )
     )
     with pytest.raises(CompensatorError, match="no layout for 'opt'"):
-        rotate_model(opt, get_adapter(opt))
+        RotateStep().transform_model(opt, get_adapter(opt))
 
 
 def test_asymmetric_per_token_matches_brute_force() -> None:
@@ -195,11 +196,21 @@ def test_quarot_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
     if preset.endswith("lrc"):
         q_proj = loaded.model.layers[0].self_attn.q_proj
         assert q_proj.lowrank_raw and q_proj.lowrank_split == (preset == "split-lrc")
-        assert qm.quantization_config["lowrank_input"] == (
-            "split" if q_proj.lowrank_split else "raw"
-        )
-        # Older readers would ignore the projection: a split checkpoint says it needs format 2.
-        assert qm.quantization_config["format_version"] == (2 if q_proj.lowrank_split else 1)
+        record = qm.quantization_config["layers"]["model.layers.0.self_attn.q_proj"]
+        assert record["lowrank_input"] == ("split" if q_proj.lowrank_split else "raw")
+        assert record["rank"] == q_proj.rank and record["rotation"] is None
+        assert qm.quantization_config["format_version"] == 3
+        # A checkpoint of the format before per-layer records (one spec and one lowrank_input
+        # for the model, rank read off the factors) still loads to the same model.
+        config = json.loads((out / "config.json").read_text())
+        qc = config["quantization_config"]
+        qc["lowrank_input"] = record["lowrank_input"]
+        qc["format_version"] = 2
+        del qc["layers"]
+        (out / "config.json").write_text(json.dumps(config))
+        with torch.no_grad():
+            legacy = cp.load(out)(ids).logits
+        torch.testing.assert_close(legacy, qm.model(ids).logits, atol=0, rtol=0)
 
 
 def test_rotation_barely_changes_a_fine_quantization() -> None:
@@ -220,5 +231,9 @@ def test_rotation_barely_changes_a_fine_quantization() -> None:
 def test_lrc_needs_a_plain_rounder() -> None:
     from compensator.recipes import Recipe
 
-    with pytest.raises(ValueError, match="composes with rtn or plain gptq"):
+    with pytest.raises(
+        ValueError, match=r"lrc needs a rounder that needs only a Hessian.*gptq, rtn"
+    ):
         Recipe.model_validate({"steps": [{"gptq": {"asymmetric": True}}, {"lrc": {}}]})
+    with pytest.raises(ValueError, match="lwc and lrc do not compose"):
+        Recipe.model_validate({"steps": [{"lwc": {}}, {"gptq": {}}, {"lrc": {}}]})

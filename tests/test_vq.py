@@ -16,7 +16,7 @@ from compensator.models.loading import LoadedModel
 from compensator.nn.vq_linear import VQLinear
 from compensator.quant.spec import QuantSpec
 from compensator.quant.vq import VQSpec, vq_quantize, vq_storage_bits, weighted_kmeans
-from compensator.recipes.recipe import Recipe
+from compensator.recipes.recipe import Recipe, load_recipe
 from conftest import VOCAB, first_block, tiny_llama
 
 CPU = torch.device("cpu")
@@ -72,7 +72,7 @@ def _ctx(spec: VQSpec):
 
 def _train(block, learner, linears, data, epochs: int):
     settings = TrainSettings(epochs=epochs)
-    return train_block(block, [learner], linears, data, QuantSpec(), None, settings, CPU)
+    return train_block(data, [learner], QuantSpec(), None, settings)
 
 
 def _ssvq(ctx, **kw) -> SSVQ:
@@ -162,7 +162,9 @@ def test_vq_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
     expected = sum(vq_storage_bits(m.out_features, m.in_features, spec) for m in layers)
     weights = sum(m.out_features * m.in_features for m in layers)
     assert qm.quantization_config["bits_per_weight"] == pytest.approx(expected / weights)
-    assert qm.quantization_config["storage"]["format"] == "vq"
+    records = qm.quantization_config["layers"]
+    assert {r["format"] for r in records.values()} == {"vq"}
+    assert qm.quantization_config["weights"] is None  # the uniform scheme is not used
     out = cp.save(qm, tmp_path / preset)
     loaded = cp.load(out)
     assert sum(isinstance(m, VQLinear) for m in loaded.modules()) == 14
@@ -172,12 +174,16 @@ def test_vq_checkpoint_round_trip(preset: str, tmp_path: Path) -> None:
 
 
 def test_vq_recipe_validation() -> None:
-    with pytest.raises(ValueError, match="ssvq learns for vq weights"):
+    with pytest.raises(ValueError, match="ssvq needs a rounder whose layers are vector-quantized"):
         Recipe(steps=[{"ssvq": {}}, {"rtn": {}}])
-    with pytest.raises(ValueError, match="let learns for uniform weights"):
+    with pytest.raises(ValueError, match="ssvq needs a vq rounder with signs: true"):
+        Recipe(steps=[{"ssvq": {}}, {"vq": {}}])
+    with pytest.raises(ValueError, match="let needs a rounder whose layers are uniform"):
         Recipe(steps=[{"let": {}}, {"vq": {}}])
-    with pytest.raises(ValueError, match="no low-rank corrector"):
+    with pytest.raises(ValueError, match=r"lqer needs a rounder whose layers are uniform.*gptq"):
         Recipe(steps=[{"vq": {}}, {"lqer": {}}])
+    with pytest.raises(CompensatorError, match="--bits mean nothing for vq-2bit"):
+        load_recipe("vq-2bit").with_weights(bits=3)
     with pytest.raises(CompensatorError, match="does not divide the input width"):
         cp.quantize(
             LoadedModel(tiny_llama(), None, "tiny"),

@@ -13,7 +13,7 @@ from torch import nn
 
 from compensator import __version__
 from compensator.checkpoint import (
-    format_version,
+    FORMAT_VERSION,
     is_checkpoint,
     load_checkpoint,
     read_quantization_config,
@@ -25,7 +25,7 @@ from compensator.evaluate import EvalResult
 from compensator.evaluate import evaluate as evaluate_windows
 from compensator.models.adapter import get_adapter
 from compensator.models.loading import LoadedModel, load_model
-from compensator.nn.quant_linear import bits_per_weight
+from compensator.nn.layers import bits_per_weight
 from compensator.pipeline.runner import run_pipeline
 from compensator.recipes.recipe import Recipe, load_recipe
 
@@ -83,7 +83,7 @@ def quantize(
     bits: int | None = None,
     group_size: int | None = None,
     symmetric: bool | None = None,
-    rank: int | float | None = None,
+    rank: int | str | None = None,
     act_bits: int | None = None,
     epochs: int | None = None,
     device: str | torch.device | None = "auto",
@@ -97,13 +97,10 @@ def quantize(
     ``tokenizer`` is required; it is copied first unless ``inplace``). ``calibration`` is a
     data source as in :func:`compensator.data.resolve_text` (default: WikiText-2 validation
     when COMPENSATOR_DATA is set, else the embedded corpus), or a LongTensor of token
-    windows [n, seqlen] used as is.
+    windows [n, seqlen] used as is. ``rank`` is a number of components or a share like "30%".
+    Touches no process-wide state: every random draw has its own generator, seeded from
+    ``seed`` (calibration windows) or from the recipe's steps.
     """
-    torch.manual_seed(seed)
-    if group_size == 0:
-        raise CompensatorError(
-            "--group-size 0 is not valid: use a positive number of columns, or -1 for per-channel"
-        )
     rec = (
         load_recipe(recipe)
         .with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
@@ -111,7 +108,7 @@ def quantize(
         .with_act_bits(act_bits)
         .with_epochs(epochs)
     )
-    needs_data = any(s.stats() or s.needs_fp_stream() for s in rec.steps)
+    needs_data = rec.needs_data()
     # Check the cheap arguments before loading the model, so bad input fails fast.
     if needs_data and not isinstance(calibration, torch.Tensor):
         if calib_windows < 1:
@@ -123,46 +120,56 @@ def quantize(
     net = loaded.model if inplace or isinstance(model, str | Path) else copy.deepcopy(loaded.model)
     net.eval()
     adapter = get_adapter(net)
-    calib_info: dict[str, Any] | None = None
-    input_ids = None
-    if needs_data and isinstance(calibration, torch.Tensor):
-        input_ids = calibration.long()
-        calib_info = {
-            "source": "token ids",
-            "windows": input_ids.shape[0],
-            "seqlen": input_ids.shape[1],
-        }
-    elif needs_data:
-        input_ids = load_calibration_windows(
-            loaded.tokenizer, calibration, calib_windows, seqlen, seed
-        )
-        calib_info = {
-            "source": calibration or "default",
-            "windows": calib_windows,
-            "seqlen": seqlen,
-            "seed": seed,
-        }
-    log.info("recipe %s: %s on %s (%s)", rec.name, rec.scheme.label(), loaded.source, dev)
+    input_ids, calib_info = None, None
+    if needs_data:
+        input_ids, calib_info = _calibration(loaded, calibration, calib_windows, seqlen, seed)
+    log.info("recipe %s: %s on %s (%s)", rec.name, rec.label(), loaded.source, dev)
     report = run_pipeline(
         net, adapter, rec, input_ids, device=dev, batch_size=batch_size, progress=progress
     )
-    spec, acts = rec.scheme.weights, rec.scheme.activations
-    qconfig = {
+    qconfig = _quantization_config(net, rec, report.quantized_layers, loaded.source, calib_info)
+    return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict())
+
+
+def _calibration(
+    loaded: LoadedModel,
+    calibration: str | torch.Tensor | None,
+    windows: int,
+    seqlen: int,
+    seed: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibration token windows, and how they were made (for the checkpoint)."""
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration.long()
+        return ids, {"source": "token ids", "windows": ids.shape[0], "seqlen": ids.shape[1]}
+    ids = load_calibration_windows(loaded.tokenizer, calibration, windows, seqlen, seed)
+    info = {"source": calibration or "default", "windows": windows, "seqlen": seqlen, "seed": seed}
+    return ids, info
+
+
+def _quantization_config(
+    net: nn.Module,
+    rec: Recipe,
+    modules: list[str],
+    base_model: str,
+    calibration: dict[str, Any] | None,
+) -> dict[str, Any]:
+    acts = rec.scheme.activations
+    return {
         "quant_method": "compensator",
-        "format_version": format_version(rec.lowrank_input),
+        "format_version": FORMAT_VERSION,
         "compensator_version": __version__,
-        "weights": spec.model_dump(),
+        "scheme": rec.label(),
+        "weights": rec.scheme.weights.model_dump() if rec.rounder.uses_weight_scheme else None,
         "activations": None if acts is None else acts.model_dump(),
-        "lowrank_input": rec.lowrank_input,
-        "storage": rec.rounder.storage(),
         "bits_per_weight": bits_per_weight(net),
         "packing": "int32, little-endian bit stream along the input dimension",
-        "modules": report.quantized_layers,
-        "base_model": loaded.source,
+        "modules": modules,
+        "layers": {name: net.get_submodule(name).record() for name in modules},
+        "base_model": base_model,
         "recipe": rec.to_yaml_dict(),
-        "calibration": calib_info,
+        "calibration": calibration,
     }
-    return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict())
 
 
 def save(qmodel: QuantizedModel, out: str | Path, *, force: bool = False) -> Path:

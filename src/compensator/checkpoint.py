@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory::
 
-    config.json          the model config + quantization_config (method, scheme, layers, base model)
+    config.json          the model config + quantization_config (method, scheme, base model, and
+                         per quantized layer a record of what it holds: format, spec, rank, ...)
     model.safetensors    every tensor of the model; quantized Linears as qweight/scales/qzeros
     tokenizer files      when a tokenizer was given
     recipe.yaml          the recipe that produced it
@@ -30,21 +31,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from compensator.errors import CompensatorError
-from compensator.nn.quant_linear import QuantLinear, replace_module
-from compensator.nn.vq_linear import VQLinear
-from compensator.quant.act import ActSpec
-from compensator.quant.spec import QuantSpec
-from compensator.quant.vq import VQSpec
+from compensator.nn.layers import layer_from_record, replace_module
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "compensator"
-FORMAT_VERSION = 2  # 2: lowrank_input "split" (older readers would ignore the projection)
-
-
-def format_version(lowrank_input: str) -> int:
-    """The oldest format that reads such a checkpoint right, so older readers refuse it."""
-    return 2 if lowrank_input == "split" else 1
+# 3: a record per layer ("layers"); 2: lowrank_input "split"; 1: one spec for the model.
+FORMAT_VERSION = 3
 
 
 WEIGHTS_FILE = "model.safetensors"
@@ -161,7 +154,7 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """A transformers model whose quantized Linears are ``QuantLinear`` modules."""
+    """A transformers model whose quantized Linears are the layers their records name."""
     path = Path(path)
     t0 = time.perf_counter()
     config_dict = read_quantization_config(path)
@@ -179,45 +172,11 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             model = cls._from_config(config, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    spec = QuantSpec(**qc["weights"])
-    acts = ActSpec(**qc["activations"]) if qc.get("activations") else None
     state = load_file(str(path / WEIGHTS_FILE))
-    storage = dict(qc.get("storage") or {})
-    vq = (
-        VQSpec(**{k: v for k, v in storage.items() if k != "format"})
-        if storage.get("format") == "vq"
-        else None
-    )
+    records = qc.get("layers") or _legacy_records(qc, state)
     for name in qc["modules"]:
         linear = model.get_submodule(name)
-        # Low-rank factors and an online rotation are optional per layer: their presence and
-        # shapes say the rank and the rotation's factor sizes.
-        lr_a = state.get(f"{name}.lr_a")
-        rot = state.get(f"{name}.rot_left"), state.get(f"{name}.rot_right")
-        rot_sizes = None if rot[0] is None else (len(rot[0]), len(rot[1]))
-        if vq is not None:
-            layer = VQLinear(
-                linear.in_features,
-                linear.out_features,
-                vq,
-                bias=f"{name}.bias" in state,
-                act_spec=acts,
-                rotation_sizes=rot_sizes,
-            )
-            replace_module(model, name, layer)
-            continue
-        layer = QuantLinear(
-            linear.in_features,
-            linear.out_features,
-            spec,
-            bias=f"{name}.bias" in state,
-            rank=0 if lr_a is None else lr_a.shape[1],
-            factor_bits=16 if lr_a is None or lr_a.is_floating_point() else 8,
-            act_spec=acts,
-            lowrank_raw=qc.get("lowrank_input") == "raw",
-            lowrank_split=qc.get("lowrank_input") == "split",
-            rotation_sizes=rot_sizes,
-        )
+        layer = layer_from_record(records[name], linear.in_features, linear.out_features)
         replace_module(model, name, layer)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embeddings) are stored once and re-tied here.
@@ -228,7 +187,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             f"{path / WEIGHTS_FILE} does not match its config.json "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the checkpoint is damaged"
         )
-    model.compensator_config = qc
     model.eval().to(device)
     log.info(
         "loaded %s (%d quantized layers) in %.1fs",
@@ -237,6 +195,34 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         time.perf_counter() - t0,
     )
     return model
+
+
+def _legacy_records(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer records of a format 1/2 checkpoint (one spec for the model; rank and
+    rotation sizes read off the tensors' shapes)."""
+    storage = dict(qc.get("storage") or {})
+    records: dict[str, Any] = {}
+    for name in qc["modules"]:
+        rot = state.get(f"{name}.rot_left"), state.get(f"{name}.rot_right")
+        common = {
+            "activations": qc.get("activations"),
+            "rotation": None if rot[0] is None else [len(rot[0]), len(rot[1])],
+            "bias": f"{name}.bias" in state,
+        }
+        if storage.get("format") == "vq":
+            spec = {k: v for k, v in storage.items() if k != "format"}
+            records[name] = {"format": "vq", "spec": spec, **common}
+            continue
+        lr_a = state.get(f"{name}.lr_a")
+        records[name] = {
+            "format": "uniform",
+            "spec": qc["weights"],
+            "rank": 0 if lr_a is None else lr_a.shape[1],
+            "factor_bits": 16 if lr_a is None or lr_a.is_floating_point() else 8,
+            "lowrank_input": qc.get("lowrank_input") or "quantized",
+            **common,
+        }
+    return records
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -57,7 +57,10 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option(
-    "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads (default: torch's choice).",
 )
 @click.version_option(__version__, package_name="compensator")  # works uninstalled too
 def main(verbose: int, quiet: bool, threads: int | None) -> None:
@@ -72,13 +75,13 @@ def main(verbose: int, quiet: bool, threads: int | None) -> None:
 class RankType(click.ParamType):
     name = "rank"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int | float:
-        if isinstance(value, int | float):
-            return value
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        from compensator.correctors.lowrank import parse_rank
+
         try:
-            return float(value) if "." in str(value) else int(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an integer rank or a fraction like 0.1", param, ctx)
+            return parse_rank(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,7 +106,7 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--rank",
                 type=RankType(),
                 default=None,
-                help="Rank of the recipe's low-rank corrector: an integer, or a share of each layer's parameters like 0.1.",
+                help="Rank of the recipe's low-rank corrector: components (16) or a share of each layer's parameters (30%).",
             ),
             click.option(
                 "--act-bits",
@@ -235,7 +238,7 @@ def recipes() -> None:
     for name in preset_names():
         r = load_recipe(name)
         steps = " -> ".join(_step_label(s) for s in r.steps)
-        click.echo(f"{name:12s} {r.scheme.weights.label():8s} {steps}")
+        click.echo(f"{name:12s} {r.label():16s} {steps}")
         if r.description:
             click.echo(f"{'':12s} {r.description}")
 
@@ -276,8 +279,8 @@ def demo(
     rows = run_demo(
         model,
         [r.strip() for r in recipe_names.split(",") if r.strip()],
-        bits=4 if scheme["bits"] is None else scheme["bits"],
-        group_size=128 if scheme["group_size"] is None else scheme["group_size"],
+        bits=scheme["bits"],
+        group_size=scheme["group_size"],
         symmetric=scheme["symmetric"],
         rank=scheme["rank"],
         act_bits=scheme["act_bits"],

@@ -11,7 +11,6 @@ from compensator.api import quantize
 from compensator.data import load_eval_windows
 from compensator.evaluate import evaluate
 from compensator.models.loading import LoadedModel, load_model
-from compensator.recipes.recipe import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,10 @@ def run_demo(
     model: str,
     recipes: list[str],
     *,
-    bits: int = 4,
-    group_size: int | None = 128,
+    bits: int | None = None,
+    group_size: int | None = None,
     symmetric: bool | None = None,
-    rank: int | float | None = None,
+    rank: int | str | None = None,
     act_bits: int | None = None,
     epochs: int | None = None,
     eval_windows: int = 16,
@@ -64,9 +63,7 @@ def run_demo(
         )
         seconds = time.perf_counter() - t0
         result = evaluate(qm.model, windows, fp_model=fp.model, progress=progress)
-        label = (
-            f"{name} {Scheme.model_validate(qm.quantization_config['recipe']['scheme']).label()}"
-        )
+        label = f"{name} {qm.quantization_config['scheme']}"
         bpw = qm.quantization_config["bits_per_weight"]
         rows.append(DemoRow(label, result.ppl, result.kl, seconds, bpw))
         log.info("%s: ppl %.3f, kl %.4f, %.1fs", label, result.ppl, result.kl, seconds)

@@ -10,61 +10,54 @@ activations whose feature magnitudes differ, as LLM activations' do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 
 import torch
 
+from compensator.types import LowRank
 
-@dataclass
-class LowRank:
-    """Factors a [in, k], b [k, out]. With ``bits`` set they hold int8 codes and ``a_scale``
-    [k] (per column of a) and ``b_scale`` [k] (per row of b) recover the values."""
+Rank = int | str  # components ("rank: 16") or a share of the layer's parameters ("30%")
 
-    a: torch.Tensor
-    b: torch.Tensor
-    bits: int | None = None
-    a_scale: torch.Tensor | None = None
-    b_scale: torch.Tensor | None = None
+RANK_HELP = (
+    "an integer number of components (16), or a share of each layer's parameters (30%): "
+    "k = share * in * out / (in + out), the factors then holding that share of the layer"
+)
 
-    @property
-    def rank(self) -> int:
-        return self.a.shape[1]
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float a, b (dequantized when stored as codes)."""
-        if self.bits is None:
-            return self.a.float(), self.b.float()
-        assert self.a_scale is not None and self.b_scale is not None
-        return self.a.float() * self.a_scale.float(), self.b.float() * self.b_scale.float()[:, None]
-
-    def dense(self) -> torch.Tensor:
-        """The correction as a weight-shaped matrix [out, in]: (A B)^T."""
-        a, b = self.factors()
-        return (a @ b).T
-
-    def quantized(self, bits: int) -> LowRank:
-        """Symmetric ``bits``-bit codes, one scale per rank component (column of a, row of b)."""
-        a, b = self.factors()
-        qmax = 2 ** (bits - 1) - 1
-        a_scale = (a.abs().amax(dim=0) / qmax).clamp(min=1e-12).half().float()
-        b_scale = (b.abs().amax(dim=1) / qmax).clamp(min=1e-12).half().float()
-        a_codes = (a / a_scale).round().clamp(-qmax, qmax).to(torch.int8)
-        b_codes = (b / b_scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
-        return LowRank(a_codes, b_codes, bits, a_scale.half(), b_scale.half())
-
-    def storage_bits(self) -> int:
-        if self.bits is None:
-            return (self.a.numel() + self.b.numel()) * 16
-        return (self.a.numel() + self.b.numel()) * self.bits + 2 * self.rank * 16
+_SHARE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
-def resolve_rank(rank: int | float, out_features: int, in_features: int) -> int:
-    """An integer rank as is; a fraction rho in (0, 1] of the layer's size, meaning factors
-    that hold rho of its parameters: k (in + out) = rho in out (LRC's convention). Never
-    above min(out, in)."""
+def parse_rank(value: object) -> Rank:
+    """A validated rank: a non-negative int, or a string "N%" with 0 < N <= 100."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and re.fullmatch(r"[-+]?\d+", text):
+        text = int(text)
+    elif isinstance(text, str) and re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)", text):
+        text = float(text)
+    if isinstance(text, bool):
+        raise ValueError(f"rank {value!r} is not valid: use {RANK_HELP}")
+    if isinstance(text, float):
+        raise ValueError(
+            f"rank {value!r} is ambiguous: write an integer number of components (16) or a "
+            "share of the layer's parameters (30%)"
+        )
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"rank must be >= 0 components, got {text}")
+        return text
+    m = _SHARE.match(text) if isinstance(text, str) else None
+    if m and 0 < float(m.group(1)) <= 100:
+        return f"{m.group(1)}%"
+    raise ValueError(f"rank {value!r} is not valid: use {RANK_HELP}")
+
+
+def resolve_rank(rank: Rank, out_features: int, in_features: int) -> int:
+    """The number of components for a layer: an integer rank as is; a share of the layer's
+    parameters such that k (in + out) = share * in * out (LRC's convention). Never above
+    min(out, in)."""
     full = min(out_features, in_features)
-    if isinstance(rank, float):
-        rank = round(rank * in_features * out_features / (in_features + out_features))
+    if isinstance(rank, str):
+        share = float(rank.rstrip("%")) / 100
+        rank = round(share * in_features * out_features / (in_features + out_features))
     return max(0, min(int(rank), full))
 
 

@@ -41,23 +41,17 @@ from __future__ import annotations
 
 import torch
 
-from compensator.correctors.lowrank import LowRank
+from compensator.linalg import NotPositiveDefinite, damped_cholesky
+from compensator.types import LowRank
 
 
 def cholesky_damped(gram: torch.Tensor, damp: float = 0.0) -> torch.Tensor:
-    """Lower Cholesky factor of gram + lambda I, lambda = damp * mean(diag), raised tenfold
-    (from 1e-6 * mean(diag)) until the factorization succeeds."""
-    g = gram.double()
-    mean_diag = g.diagonal().mean().clamp(min=1e-30)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    lam = damp
-    while True:
-        chol, info = torch.linalg.cholesky_ex(g + lam * mean_diag * eye)
-        if int(info) == 0:
-            return chol
-        lam = max(lam * 10, 1e-6)
-        if lam > 1.0:
-            raise ValueError("the Gram matrix is not positive semi-definite")
+    """Lower Cholesky factor of gram + lambda I in float64, lambda = damp * mean(diag), raised
+    tenfold (from 1e-6 * mean(diag)) until the factorization succeeds."""
+    try:
+        return damped_cholesky(gram.double(), damp, floor=1e-6, limit=1.0)[0]
+    except NotPositiveDefinite:
+        raise ValueError("the Gram matrix is not positive semi-definite") from None
 
 
 def lrc_target(

@@ -1,38 +1,27 @@
-"""One block's learning, as the pipeline runs it: build the recipe's learners from the FP
-block and its calibration inputs, train them, fold them into the block, and hand the rounder
-the clipping each Linear learned."""
+"""One block's learning: build the learners from the FP block and its calibration inputs,
+train them, fold them into the block, and say what each Linear's rounder must use (the
+clipping LWC learned, or SSVQ's trained vector-quantized weight)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
-from compensator.learn.learners import Fixed, LearnContext, final_params
-from compensator.learn.trainer import BlockData, TrainResult, TrainSettings, fold, train_block
-from compensator.models.adapter import ModelAdapter
-from compensator.pipeline.streams import Stream, run_block
-from compensator.recipes.recipe import Recipe
+from compensator.learn.learners import Fixed, LearnContext, Learner, final_params
+from compensator.learn.trainer import TrainResult, TrainSettings, fold, train_block
+from compensator.quant.act import ActSpec
+from compensator.quant.spec import QuantSpec
+from compensator.quant.vq import VQSpec
+from compensator.types import BlockContext
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class BlockInputs:
-    """The streams around block ``index``: quantized and FP inputs, FP outputs, FP inputs of
-    each Linear (batches as stored by the pipeline)."""
-
-    q: Stream
-    fp: Stream
-    fp_out: list[torch.Tensor]
-    fp_linear_inputs: list[dict[str, torch.Tensor]]
-    next_kwargs: list[dict[str, Any]] | None
+Builder = Callable[[LearnContext], Learner]
 
 
-def _input_stats(
+def input_stats(
     fp_linear_inputs: list[dict[str, torch.Tensor]], device: torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per Linear input feature: max |x| and mean x^2 (diag(X^T X) / n), over all batches."""
@@ -49,72 +38,36 @@ def _input_stats(
     return absmax, {n: s / rows[n] for n, s in sq.items()}
 
 
+def learn_context(ctx: BlockContext, spec: QuantSpec, vq: VQSpec | None) -> LearnContext:
+    absmax, sq = input_stats(ctx.fp_linear_inputs, ctx.device)
+    return LearnContext(ctx.block, ctx.linears, spec, ctx.layout, absmax, sq, vq)
+
+
 def learn_block(
-    block: nn.Module,
-    index: int,
-    blocks: nn.ModuleList,
-    adapter: ModelAdapter,
-    recipe: Recipe,
-    inputs: BlockInputs,
-    device: torch.device,
-    storage: torch.device,
+    ctx: BlockContext,
+    builders: Sequence[tuple[str, Builder]],
+    spec: QuantSpec,
+    act: ActSpec | None,
+    vq: VQSpec | None,
+    settings: TrainSettings,
 ) -> tuple[dict[str, Fixed | None], TrainResult]:
-    trainer = recipe.trainer
-    linears = adapter.linears(block)
-    names = list(linears)
-    ctx = LearnContext(
-        block,
-        linears,
-        recipe.scheme.weights,
-        adapter.arch.rotation,
-        *_input_stats(inputs.fp_linear_inputs, device),
-        getattr(recipe.rounder, "vq_spec", None),
-    )
-    steps = sorted(recipe.learners, key=lambda s: s.order)
-    learners = [s.build(ctx) for s in steps]
-    settings = TrainSettings(
-        epochs=trainer.epochs,
-        weight_decay=trainer.weight_decay,
-        cross_layer=trainer.cross_layer,
-        fp_input_weight=trainer.fp_input_weight,
-        seed=trainer.seed + index,
-    )
-    data = BlockData(
-        q_hidden=inputs.q.hidden,
-        kwargs=inputs.q.kwargs,
-        target=inputs.fp_out,
-        fp_hidden=inputs.fp.hidden if trainer.fp_input_weight else None,
-    )
-    nxt = None
-    if trainer.cross_layer and index + 1 < len(blocks) and inputs.next_kwargs is not None:
-        nxt = blocks[index + 1].to(device)
-        data.next_block = nxt
-        data.next_kwargs = inputs.next_kwargs
-        data.next_target = run_block(
-            nxt, Stream(inputs.fp_out, inputs.next_kwargs), device, storage
-        )
-    try:
-        result = train_block(
-            block,
-            learners,
-            names,
-            data,
-            recipe.scheme.weights,
-            recipe.scheme.activations,
-            settings,
-            device,
-        )
-    finally:
-        if nxt is not None:
-            blocks[index + 1] = nxt.to(storage)
-    folded = fold(block, learners)
+    """Train the learners ``builders`` make (named, in application order) on block
+    ``ctx.index``, fold them, and return each Linear's fixed parameters."""
+    learn_ctx = learn_context(ctx, spec, vq)
+    learners = [build(learn_ctx) for _, build in builders]
+    if settings.cross_layer:
+        with ctx.next_block() as nxt:
+            result = train_block(ctx, learners, spec, act, settings, nxt)
+    else:
+        result = train_block(ctx, learners, spec, act, settings)
+    folded = fold(ctx.block, learners)
     log.info(
         "block %d: learned %s in %.1fs, %d steps, block loss %.3g -> %.3g",
-        index,
-        "+".join(s.name for s in steps),
+        ctx.index,
+        "+".join(name for name, _ in builders),
         result.seconds,
         result.steps,
         result.initial_loss,
         result.final_loss,
     )
-    return final_params(learners, folded, names, recipe.scheme.weights), result
+    return final_params(learners, folded, list(ctx.linears), spec), result

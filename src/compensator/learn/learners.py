@@ -18,9 +18,9 @@ from torch import nn
 from compensator.errors import CompensatorError
 from compensator.learn.lwc import lwc_params, search_clip_logits
 from compensator.learn.svd import delta_matrix, svd_factors, svd_weight
-from compensator.models.adapter import RotationLayout
 from compensator.quant.spec import QuantParams, QuantSpec
 from compensator.quant.vq import VQSpec, VQWeight
+from compensator.types import RotationLayout
 
 Tensors = dict[str, torch.Tensor]
 Fixed = QuantParams | VQWeight

@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 
 from compensator.quant.act import ActSpec, quantize_activations
+from compensator.quant.grid import cast_ste, round_ste
 
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
-def cast_ste(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` rounded to ``dtype`` and back (what a stored scale becomes), identity gradient."""
-    return x + (x.to(dtype).to(x.dtype) - x).detach()
+__all__ = ["cast_ste", "quantize_activations_ste", "round_ste"]
 
 
 def quantize_activations_ste(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:

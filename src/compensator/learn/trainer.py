@@ -21,15 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from compensator.learn.learners import Learner, Tensors
 from compensator.learn.lwc import lwc_fake_quantize
 from compensator.learn.ste import quantize_activations_ste
 from compensator.nn.rotated import rotate_input
-from compensator.pipeline.streams import block_output, to_device
 from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
+from compensator.types import BlockContext, NextBlock
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +40,6 @@ class TrainSettings:
     cross_layer: float = 0.0
     fp_input_weight: float = 0.0
     seed: int = 0
-
-
-@dataclass
-class BlockData:
-    """One block's training data, one entry per batch (the pipeline's calibration batches)."""
-
-    q_hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
-    target: list[torch.Tensor]
-    fp_hidden: list[torch.Tensor] | None = None
-    next_block: nn.Module | None = None
-    next_kwargs: list[dict[str, Any]] | None = None
-    next_target: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -125,44 +111,41 @@ def _frozen(*modules: nn.Module | None) -> Iterator[None]:
 
 
 def train_block(
-    block: nn.Module,
+    ctx: BlockContext,
     learners: list[Learner],
-    linears: list[str],
-    data: BlockData,
     spec: QuantSpec,
     act: ActSpec | None,
     settings: TrainSettings,
-    device: torch.device,
+    nxt: NextBlock | None = None,
 ) -> TrainResult:
-    """Train the learners of ``block`` in place (the block's own weights are not touched)."""
+    """Train the learners of ``ctx.block`` in place (the block's own weights are not touched);
+    ``nxt`` (the next block) only for cross-layer learning."""
+    block, linears = ctx.block, list(ctx.linears)
     result = TrainResult()
     t0 = time.perf_counter()
     groups = [g for lr in learners for g in lr.param_groups()]
     base = {n: p.detach() for n, p in block.named_parameters()}
-    n_batches = len(data.q_hidden)
+    n_batches = len(ctx.hidden)
+    device = ctx.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.AdamW(groups, weight_decay=settings.weight_decay) if groups else None
-    cross = settings.cross_layer if data.next_block is not None else 0.0
+    cross = settings.cross_layer if nxt is not None else 0.0
 
     def loss_of(b: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = effective(learners, base, linears, spec)
-        kw = to_device(data.kwargs[b], device)
-        target = data.target[b].to(device)
+        target = ctx.fp_outputs[b].to(device)
         with autocast:
-            out = block_output(functional_call(block, t, (data.q_hidden[b].to(device),), kw))
+            out = ctx.forward(block, ctx.hidden[b], ctx.kwargs[b], t)
             block_loss = F.mse_loss(out.float(), target.float())
             loss = block_loss
-            if settings.fp_input_weight and data.fp_hidden is not None:
-                out_fp = block_output(
-                    functional_call(block, t, (data.fp_hidden[b].to(device),), kw)
-                )
+            if settings.fp_input_weight:
+                out_fp = ctx.forward(block, ctx.fp_hidden[b], ctx.kwargs[b], t)
                 loss = loss + settings.fp_input_weight * F.mse_loss(out_fp.float(), target.float())
-            if cross and data.next_block is not None:
-                assert data.next_kwargs is not None and data.next_target is not None
-                nxt = block_output(data.next_block(out, **to_device(data.next_kwargs[b], device)))
-                target2 = data.next_target[b].to(device).float()
-                loss = loss + cross * F.mse_loss(nxt.float(), target2)
+            if cross and nxt is not None:
+                after = ctx.forward(nxt.module, out, nxt.kwargs[b])
+                target2 = nxt.targets[b].to(device).float()
+                loss = loss + cross * F.mse_loss(after.float(), target2)
         for lr in learners:
             pen = lr.penalty()
             if pen is not None:
@@ -173,7 +156,8 @@ def train_block(
         with torch.no_grad():
             return sum(float(loss_of(b)[1]) for b in range(n_batches)) / n_batches
 
-    with _frozen(block, data.next_block), _quantized_inputs(block, linears, act):
+    frozen = (block,) if nxt is None else (block, nxt.module)
+    with _frozen(*frozen), _quantized_inputs(block, linears, act):
         result.initial_loss = mean_block_loss()
         if opt is None or settings.epochs == 0:
             result.final_loss = result.initial_loss

@@ -12,31 +12,17 @@ import logging
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import PreTrainedModel
 
 from compensator.errors import CompensatorError
+from compensator.types import RotationLayout
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "ModelAdapter", "RotationLayout", "get_adapter"]
 
 
 class UnsupportedModelError(CompensatorError):
     """The model has no decoder-block list with nn.Linear layers that we could quantize."""
-
-
-@dataclass(frozen=True)
-class RotationLayout:
-    """What a residual-stream rotation must touch in one block (paths relative to it), and
-    the final norm (relative to the model). RMSNorm only: its scale folds into the Linears
-    that read it, and an RMSNorm with unit scale commutes with any orthogonal matrix."""
-
-    attn_norm: str = "input_layernorm"
-    attn_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    attn_output: str = "self_attn.o_proj"
-    value: str = "self_attn.v_proj"
-    mlp_norm: str = "post_attention_layernorm"
-    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
-    mlp_output: str = "mlp.down_proj"
-    final_norm: str = "model.norm"
 
 
 @dataclass(frozen=True)
@@ -126,7 +112,7 @@ class ModelAdapter:
     def __repr__(self) -> str:
         return f"ModelAdapter({self.arch.name!r}, blocks={self.arch.blocks!r}, generic={self.is_generic})"
 
-    def embedding(self, model: PreTrainedModel) -> nn.Module:
+    def embedding(self, model: nn.Module) -> nn.Module:
         # Every PreTrainedModel implements this, multimodal wrappers included.
         return model.get_input_embeddings()
 

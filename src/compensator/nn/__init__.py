@@ -1,5 +1,7 @@
-"""Runtime modules of quantized models."""
+"""Runtime modules of quantized models (no calibration algorithm in here)."""
 
-from compensator.nn.quant_linear import QuantLinear, replace_module
+from compensator.nn.layers import bits_per_weight, build_layer, replace_module
+from compensator.nn.quant_linear import QuantLinear
+from compensator.nn.vq_linear import VQLinear
 
-__all__ = ["QuantLinear", "replace_module"]
+__all__ = ["QuantLinear", "VQLinear", "bits_per_weight", "build_layer", "replace_module"]

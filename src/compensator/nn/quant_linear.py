@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compensator.correctors.lowrank import LowRank
-from compensator.nn.rotated import Rotation, rotate_input
+from compensator.nn.registry import (
+    LayerExtras,
+    LowRankInput,
+    act_from_record,
+    act_record,
+    register_layer,
+    rotation_sizes,
+)
+from compensator.nn.rotated import rotate_input, rotation_record
 from compensator.quant.act import ActSpec, quantize_activations
 from compensator.quant.pack import pack_int32, packed_words, unpack_int32
-from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec, dequantize
+from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
+from compensator.types import LowRank
 
 
+@register_layer
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored as b-bit codes packed into int32 words.
 
@@ -27,11 +36,13 @@ class QuantLinear(nn.Module):
     fp16, or int8 codes with fp16 ``lr_a_scale``/``lr_b_scale`` [k] when ``factor_bits`` is 8;
     y = x Wq^T + (x A) B. Optional ``act_spec``: the input is quantized dynamically first;
     the low-rank term sees the quantized input too (LQER), or the unquantized one when
-    ``lowrank_raw`` (LRC). With ``lowrank_split`` (LRC's split input) A has orthonormal
+    ``lowrank_input`` is ``raw`` (LRC). With ``split`` (LRC's split input) A has orthonormal
     columns and the quantized path reads the input less A's subspace:
     y = Q(x - x A A^T) Wq^T + (x A) B. Optional online rotation ``rot_left``/``rot_right`` (float32,
     L (x) R orthogonal): the input is multiplied by it before anything else.
     """
+
+    format: ClassVar[str] = "uniform"
 
     def __init__(
         self,
@@ -43,8 +54,7 @@ class QuantLinear(nn.Module):
         rank: int = 0,
         factor_bits: int = 16,
         act_spec: ActSpec | None = None,
-        lowrank_raw: bool = False,
-        lowrank_split: bool = False,
+        lowrank_input: LowRankInput = "quantized",
         rotation_sizes: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
@@ -64,8 +74,9 @@ class QuantLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.rank, self.factor_bits, self.act_spec = rank, factor_bits, act_spec
-        self.lowrank_raw = lowrank_raw or lowrank_split
-        self.lowrank_split = lowrank_split
+        self.lowrank_input = lowrank_input
+        self.lowrank_raw = lowrank_input in ("raw", "split")
+        self.lowrank_split = lowrank_input == "split"
         if rotation_sizes is not None:
             a, b = rotation_sizes
             self.register_buffer("rot_left", torch.eye(a))
@@ -84,18 +95,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
-    def from_quantized(
-        cls,
-        qw: QuantizedWeight,
-        bias: torch.Tensor | None = None,
-        *,
-        lowrank: LowRank | None = None,
-        act_spec: ActSpec | None = None,
-        lowrank_raw: bool = False,
-        lowrank_split: bool = False,
-        rotation: Rotation | None = None,
-    ) -> QuantLinear:
+    def from_result(cls, qw: QuantizedWeight, extras: LayerExtras) -> QuantLinear:
         out_features, in_features = qw.codes.shape
+        lowrank, rotation, bias = extras.lowrank, extras.rotation, extras.bias
         layer = cls(
             in_features,
             out_features,
@@ -103,9 +105,8 @@ class QuantLinear(nn.Module):
             bias=bias is not None,
             rank=0 if lowrank is None else lowrank.rank,
             factor_bits=16 if lowrank is None or lowrank.bits is None else lowrank.bits,
-            act_spec=act_spec,
-            lowrank_raw=lowrank_raw,
-            lowrank_split=lowrank_split,
+            act_spec=extras.act_spec,
+            lowrank_input=extras.lowrank_input,
             rotation_sizes=None if rotation is None else (len(rotation[0]), len(rotation[1])),
         )
         if rotation is not None:
@@ -124,14 +125,48 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().float())
         return layer.to(qw.codes.device)
 
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, **extras: Any
+    ) -> QuantLinear:
+        """``from_result`` with the extras as keywords (see ``LayerExtras``)."""
+        return cls.from_result(qw, LayerExtras(bias=bias, **extras))
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "spec": self.spec.model_dump(),
+            "rank": self.rank,
+            "factor_bits": self.factor_bits,
+            "lowrank_input": self.lowrank_input,
+            "activations": act_record(self.act_spec),
+            "rotation": rotation_record(self),
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_record(
+        cls, record: dict[str, Any], in_features: int, out_features: int
+    ) -> QuantLinear:
+        return cls(
+            in_features,
+            out_features,
+            QuantSpec(**record["spec"]),
+            bias=bool(record.get("bias")),
+            rank=int(record.get("rank", 0)),
+            factor_bits=int(record.get("factor_bits", 16)),
+            act_spec=act_from_record(record),
+            lowrank_input=record.get("lowrank_input", "quantized"),
+            rotation_sizes=rotation_sizes(record),
+        )
+
     def quantized_weight(self) -> QuantizedWeight:
         codes = unpack_int32(self.qweight, self.spec.bits, self.in_features)
         zeros = unpack_int32(self.qzeros, self.spec.bits, self.scales.shape[1]).float()
         return QuantizedWeight(codes, QuantParams(self.scales.float(), zeros), self.spec)
 
     def dequantize_weight(self) -> torch.Tensor:
-        qw = self.quantized_weight()
-        return dequantize(qw.codes, qw.params, qw.spec)
+        return self.quantized_weight().dequantize()
 
     def lowrank(self) -> LowRank | None:
         if not self.rank:
@@ -214,24 +249,3 @@ class QuantLinear(nn.Module):
 
 
 _STORED_DTYPE = {"scales", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale", "rot_left", "rot_right"}
-
-
-def replace_module(root: nn.Module, dotted_name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``root.<dotted_name>`` was."""
-    parent_name, _, child = dotted_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def bits_per_weight(model: nn.Module) -> float | None:
-    """Stored bits per quantized weight over all quantized layers (``QuantLinear``, and any
-    layer reporting ``storage_bits``, e.g. ``VQLinear``), counting codes, scales, zero points,
-    codebooks and low-rank factors (None when there is none)."""
-    layers = [
-        m for m in model.modules() if hasattr(m, "storage_bits") and hasattr(m, "in_features")
-    ]
-    if not layers:
-        return None
-    return sum(m.storage_bits() for m in layers) / sum(
-        m.in_features * m.out_features for m in layers
-    )

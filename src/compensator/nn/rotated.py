@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compensator.transforms.hadamard import kron_apply
-
-Rotation = tuple[torch.Tensor, torch.Tensor]
+from compensator.linalg import kron_apply
+from compensator.types import Rotation
 
 
 def input_rotation(module: nn.Module) -> Rotation | None:
@@ -25,6 +24,11 @@ def rotate_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What ``module`` multiplies its weight with: ``x`` after its online rotation, if any."""
     rot = input_rotation(module)
     return x if rot is None else kron_apply(x, *rot)
+
+
+def rotation_record(module: nn.Module) -> list[int] | None:
+    rot = input_rotation(module)
+    return None if rot is None else [len(rot[0]), len(rot[1])]
 
 
 class RotatedLinear(nn.Linear):

@@ -3,23 +3,33 @@ packed sign bits) with an exact reference forward (decode, then matmul)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compensator.nn.rotated import Rotation, rotate_input
+from compensator.nn.registry import (
+    LayerExtras,
+    act_from_record,
+    act_record,
+    register_layer,
+    rotation_sizes,
+)
+from compensator.nn.rotated import rotate_input, rotation_record
 from compensator.quant.act import ActSpec, quantize_activations
 from compensator.quant.pack import pack_int32, packed_words, unpack_int32
 from compensator.quant.vq import VQSpec, VQWeight, vq_decode, vq_storage_bits
 
 
+@register_layer
 class VQLinear(nn.Module):
     """Buffers (all saved): ``indices`` [out, in/dim] (int16, or int32 past 15 bits),
     ``codebook`` [n_cb, 2^bits, dim] fp16, ``row_scale`` [out] fp16, and with sign-split
     ``sign_bits`` [out, words(in)] int32 (1 = negative); optional float ``bias``, online
     rotation factors and activation quantizer as in ``QuantLinear``."""
+
+    format: ClassVar[str] = "vq"
 
     def __init__(
         self,
@@ -57,21 +67,17 @@ class VQLinear(nn.Module):
         self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
-    def from_vq(
-        cls,
-        vw: VQWeight,
-        bias: torch.Tensor | None = None,
-        *,
-        act_spec: ActSpec | None = None,
-        rotation: Rotation | None = None,
-    ) -> VQLinear:
+    def from_result(cls, vw: VQWeight, extras: LayerExtras) -> VQLinear:
+        if extras.lowrank is not None:
+            raise ValueError("VQLinear holds no low-rank factors")
         out, n_sub = vw.indices.shape
+        rotation, bias = extras.rotation, extras.bias
         layer = cls(
             n_sub * vw.spec.dim,
             out,
             vw.spec,
             bias=bias is not None,
-            act_spec=act_spec,
+            act_spec=extras.act_spec,
             rotation_sizes=None if rotation is None else (len(rotation[0]), len(rotation[1])),
         )
         layer.indices.copy_(vw.indices.to(layer.indices.dtype))
@@ -85,6 +91,26 @@ class VQLinear(nn.Module):
         if bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer.to(vw.indices.device)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "spec": self.spec.model_dump(),
+            "activations": act_record(self.act_spec),
+            "rotation": rotation_record(self),
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], in_features: int, out_features: int) -> VQLinear:
+        return cls(
+            in_features,
+            out_features,
+            VQSpec(**record["spec"]),
+            bias=bool(record.get("bias")),
+            act_spec=act_from_record(record),
+            rotation_sizes=rotation_sizes(record),
+        )
 
     def vq_weight(self) -> VQWeight:
         signs = None

@@ -7,16 +7,19 @@ the FP model's input ``x_fp`` to the same Linear for the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from compensator.quant.act import ActSpec, quantize_activations
+from compensator.types import LinearStats
 
 
 class Statistic:
     needs_fp: ClassVar[bool] = False
+    # Whether it reads the input as the layer quantizes it (``quantized``), which depends on
+    # the split basis and the activation spec; if not, a pass without them gives the same.
+    uses_basis: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -131,6 +134,8 @@ class AbsMean(Statistic):
 class ActHessian(Hessian):
     """S_aa = mean of a a^T with a = Q(x), the quantized input (LRC's Hessian for Wq)."""
 
+    uses_basis = True
+
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         a = self.quantized(x.reshape(-1, x.shape[-1]).float())  # once, not per side
         self.sum.addmm_(a.T, a)
@@ -140,6 +145,8 @@ class ActHessian(Hessian):
 class ActCross(Hessian):
     """S_xa = mean of x a^T: the unquantized input against the quantized one (LRC)."""
 
+    uses_basis = True
+
     def right(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized(x)
 
@@ -147,6 +154,8 @@ class ActCross(Hessian):
 class FPActCross(FPCross):
     """D_a = mean of (x_fp - x) a^T with a = Q(x): the FP input's offset against the
     quantized activations (LRC aimed at the FP output)."""
+
+    uses_basis = True
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized(x)
@@ -161,41 +170,6 @@ STATISTICS: dict[str, type[Statistic]] = {
     "act_cross": ActCross,
     "fp_act_cross": FPActCross,
 }
-
-
-@dataclass
-class LinearStats:
-    values: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: int = 0
-
-    @property
-    def hessian(self) -> torch.Tensor | None:
-        return self.values.get("hessian")
-
-    @property
-    def fp_cross(self) -> torch.Tensor | None:
-        return self.values.get("fp_cross", self.values.get("fp_cross_bf16"))
-
-    @property
-    def abs_mean(self) -> torch.Tensor | None:
-        return self.values.get("abs_mean")
-
-    @property
-    def act_hessian(self) -> torch.Tensor | None:
-        return self.values.get("act_hessian")
-
-    @property
-    def act_cross(self) -> torch.Tensor | None:
-        return self.values.get("act_cross")
-
-    @property
-    def fp_act_cross(self) -> torch.Tensor | None:
-        return self.values.get("fp_act_cross")
-
-    @property
-    def act_basis(self) -> torch.Tensor | None:
-        """The split basis B the quantized-input statistics were taken with, if any."""
-        return self.values.get("act_basis")
 
 
 class StatsAccumulator:

@@ -12,6 +12,7 @@ of the layer's output error that a single column's error contributes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +56,8 @@ class VQWeight:
     """A vector-quantized matrix: ``indices`` [out, in/dim] into ``codebook`` [n_cb, K, dim]
     (row r uses codebook r // rows_per_codebook), ``row_scale`` [out] (fp16 values),
     ``signs`` [out, in] bool (True = negative) when sign-split."""
+
+    format: ClassVar[str] = "vq"  # the runtime layer format it becomes (nn.layers)
 
     indices: torch.Tensor
     codebook: torch.Tensor

@@ -1,4 +1,4 @@
-"""Recipe objects, their validation, YAML loading and the presets shipped with the package.
+"""Recipe objects, YAML loading and the presets shipped with the package.
 
 YAML form::
 
@@ -7,6 +7,7 @@ YAML form::
       - gptq: {damp: 0.01, act_order: true}
 
 Python form: ``Recipe(scheme=Scheme(weights=QuantSpec(bits=4)), steps=[GPTQStep()])``.
+Validation is :mod:`compensator.recipes.validate`, from the steps' own declarations.
 """
 
 from __future__ import annotations
@@ -15,29 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from compensator.errors import CompensatorError
 from compensator.quant.act import ActSpec
+from compensator.quant.scheme import Scheme
 from compensator.quant.spec import QuantSpec
-from compensator.steps import STEPS, CorrectorStep, LearnerStep, StepConfig, TransformStep
-from compensator.steps.learned import TrainStep
+from compensator.recipes.validate import RecipeError, validated
+from compensator.steps.base import (
+    STEPS,
+    CorrectorStep,
+    LearnerStep,
+    LowRankCorrector,
+    LowRankInput,
+    RounderStep,
+    StepConfig,
+    TransformStep,
+)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-
-class Scheme(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    weights: QuantSpec = QuantSpec()
-    activations: ActSpec | None = None  # dynamic quantization of Linear inputs (W4A8)
-
-    def label(self) -> str:
-        """E.g. ``W4A8 g128``, ``W3A16 per-channel sym``."""
-        w = self.weights
-        acts = "A16" if self.activations is None else self.activations.label()
-        groups = "per-channel" if w.group_size is None else f"g{w.group_size}"
-        return f"W{w.bits}{acts} {groups}{' sym' if w.symmetric else ''}"
+__all__ = ["PRESET_DIR", "Recipe", "Scheme", "load_recipe", "preset_names"]
 
 
 class Recipe(BaseModel):
@@ -53,130 +52,94 @@ class Recipe(BaseModel):
     def _build_steps(cls, raw: Any) -> list[StepConfig]:
         if not isinstance(raw, list) or not raw:
             raise ValueError("steps must be a non-empty list, e.g. [{gptq: {}}]")
-        return [_build_step(item) for item in raw]
+        return validated([_build_step(item) for item in raw])
 
-    @model_validator(mode="after")
-    def _one_rounder(self) -> Recipe:
-        rounders = [s.name for s in self.steps if s.kind == "rounder"]
-        if len(rounders) != 1:
-            raise ValueError(f"a recipe needs exactly one rounder step, got {rounders or 'none'}")
-        correctors = [s.name for s in self.steps if s.kind == "corrector"]
-        if len(correctors) > 1:
-            raise ValueError(f"a recipe takes at most one corrector step for now, got {correctors}")
-        transforms = [s.name for s in self.steps if s.kind == "transform"]
-        if len(transforms) != len(set(transforms)):
-            raise ValueError(f"each transform step may appear once, got {transforms}")
-        joint = [s for s in self.correctors if s.joint]
-        extra = self.rounder.stats() - {"hessian"}
-        if joint and (extra or self.rounder.needs_fp_stream()):
-            raise ValueError(
-                f"{joint[0].name} re-runs the rounder on its own target and Hessian, so it "
-                f"composes with rtn or plain gptq; {self.rounder.name} also needs {sorted(extra)}"
-            )
-        self._check_learners()
-        return self
-
-    def _check_learners(self) -> None:
-        roles = [s.role for s in self.learners]
-        if len(roles) != len(set(roles)):
-            names = [s.name for s in self.learners]
-            raise ValueError(
-                f"learned steps {names} overlap: take at most one of lwc/ssvq, let, lsi/sde"
-            )
-        trainers = [s for s in self.steps if isinstance(s, TrainStep)]
-        if len(trainers) > 1:
-            raise ValueError("a recipe takes at most one train step")
-        if trainers and not self.learners:
-            raise ValueError("a train step needs a learned step (lwc, let, lsi or sde) to train")
-        storage = self.rounder.storage() or {}
-        fmt = storage.get("format", "uniform")
-        if fmt != "uniform" and self.correctors:
-            raise ValueError(f"{self.rounder.name} layers take no low-rank corrector yet")
-        for s in self.learners:
-            if s.weight_format != fmt:
-                raise ValueError(
-                    f"{s.name} learns for {s.weight_format} weights but the rounder "
-                    f"{self.rounder.name} stores {fmt} ones"
-                )
-        if not self.learners:
-            return
-        rounder = self.rounder
-        if not getattr(rounder, "accepts_params", False):
-            raise ValueError(
-                f"learned steps fold into the block before rounding and hand it their "
-                f"clipping, so they compose with rtn, gptq or vq, not {rounder.name}"
-            )
-        movers = [s.name for s in self.learners if s.moves_inputs]
-        if rounder.needs_fp_stream() and movers:
-            raise ValueError(
-                f"{movers[0]} rescales what the Linears read, so {rounder.name}'s asymmetric "
-                "calibration (FP-stream inputs) no longer matches; drop one of them"
-            )
-        if any(c.joint for c in self.correctors):
-            raise ValueError("learned steps do not compose with a joint corrector (lrc) yet")
+    def of_kind(self, kind: str) -> list[StepConfig]:
+        return [s for s in self.steps if s.kind == kind]
 
     @property
-    def learners(self) -> list[LearnerStep]:
-        return [s for s in self.steps if isinstance(s, LearnerStep)]
-
-    @property
-    def trainer(self) -> TrainStep:
-        """The train settings (defaults when the recipe has learned steps but no train step)."""
-        return next((s for s in self.steps if isinstance(s, TrainStep)), TrainStep())
-
-    def with_epochs(self, epochs: int | None) -> Recipe:
-        """The same recipe trained for ``epochs`` per block (None: unchanged)."""
-        if epochs is None:
-            return self
-        if not self.learners:
-            raise CompensatorError(
-                f"--epochs needs a learned recipe (omniquant, lsi, sde, sde-cll, ssvq-* or one "
-                f"with lwc/let/lsi/sde/ssvq steps); {self.name or 'this recipe'} has none"
-            )
-        if epochs < 0:
-            raise CompensatorError(f"--epochs {epochs} is not valid: use >= 0")
-        trainer = self.trainer.model_copy(update={"epochs": epochs})
-        steps = [s for s in self.steps if not isinstance(s, TrainStep)] + [trainer]
-        return self.model_copy(update={"steps": steps})
-
-    @property
-    def rounder(self) -> StepConfig:
-        return next(s for s in self.steps if s.kind == "rounder")
+    def rounder(self) -> RounderStep:
+        return next(s for s in self.steps if isinstance(s, RounderStep))
 
     @property
     def correctors(self) -> list[CorrectorStep]:
         return [s for s in self.steps if isinstance(s, CorrectorStep)]
 
     @property
+    def learners(self) -> list[LearnerStep]:
+        return [s for s in self.steps if isinstance(s, LearnerStep)]
+
+    @property
+    def trainer(self) -> StepConfig | None:
+        return next(iter(self.of_kind("trainer")), None)
+
+    @property
     def transforms(self) -> list[TransformStep]:
         return [s for s in self.steps if isinstance(s, TransformStep)]
 
     @property
-    def lowrank_input(self) -> str:
-        """What the correctors' factors multiply: ``raw`` or ``quantized`` activations, or
-        ``split``: raw, with their subspace taken out of the quantized path's input."""
-        if any(s.split_input() for s in self.correctors):
-            return "split"
-        return "raw" if any(s.raw_input() for s in self.correctors) else "quantized"
+    def lowrank_input(self) -> LowRankInput:
+        """What the correctors' factors multiply (see ``CorrectorStep.lowrank_input``)."""
+        return next((c.lowrank_input() for c in self.correctors), "quantized")
 
-    def with_rank(self, rank: int | float | None) -> Recipe:
+    def stats(self) -> set[str]:
+        return set().union(*(s.stats() for s in self.steps))
+
+    def needs_data(self) -> bool:
+        return bool(self.stats()) or any(s.needs_fp_stream() for s in self.steps)
+
+    def label(self) -> str:
+        """The scheme as its layers hold it, e.g. ``W4A16 g128`` or ``VQ d8 b8+sign A16``."""
+        if self.rounder.uses_weight_scheme:
+            return self.scheme.label()
+        acts = self.scheme.activations
+        target = self.rounder.target_spec(self.scheme.weights)
+        return f"{target.label()} {'A16' if acts is None else acts.label()}"
+
+    # -- overrides from the command line or the API -------------------------------------
+
+    def with_steps(self, steps: list[StepConfig]) -> Recipe:
+        try:
+            return self.model_copy(update={"steps": validated(steps)})
+        except RecipeError as e:
+            raise CompensatorError(f"{self.name or 'recipe'}: {e}") from None
+
+    def with_epochs(self, epochs: int | None) -> Recipe:
+        """The same recipe trained for ``epochs`` per block (None: unchanged)."""
+        if epochs is None:
+            return self
+        trainers = [s for s in self.steps if s.has_block_hook and "epochs" in type(s).model_fields]
+        if not trainers:
+            learned = sorted(n for n, c in STEPS.items() if issubclass(c, LearnerStep))
+            raise CompensatorError(
+                f"--epochs needs a recipe with a learned step ({', '.join(learned)}); "
+                f"{self.name or 'this recipe'} has none"
+            )
+        if epochs < 0:
+            raise CompensatorError(f"--epochs {epochs} is not valid: use >= 0")
+        return self.with_steps(
+            [s.model_copy(update={"epochs": epochs}) if s in trainers else s for s in self.steps]
+        )
+
+    def with_rank(self, rank: int | str | None) -> Recipe:
         """The same recipe with the corrector's rank replaced (None: unchanged)."""
         if rank is None:
             return self
-        if not self.correctors:
+        if not any(isinstance(s, LowRankCorrector) for s in self.steps):
+            names = sorted(n for n, c in STEPS.items() if issubclass(c, LowRankCorrector))
             raise CompensatorError(
-                f"--rank needs a recipe with a low-rank corrector step (e.g. gptq-l2qer); "
+                f"--rank needs a recipe with a low-rank corrector step ({', '.join(names)}); "
                 f"{self.name or 'this recipe'} has none"
             )
         steps = []
         for s in self.steps:
-            if isinstance(s, CorrectorStep):
+            if isinstance(s, LowRankCorrector):
                 try:
                     s = type(s).model_validate({**s.model_dump(), "rank": rank})
                 except ValidationError as e:
-                    raise CompensatorError(f"invalid --rank: {_first_error(e)}") from None
+                    raise CompensatorError(f"invalid --rank: {first_error(e)}") from None
             steps.append(s)
-        return self.model_copy(update={"steps": steps})
+        return self.with_steps(steps)
 
     def with_act_bits(self, bits: int | None) -> Recipe:
         """The same recipe with per-token dynamic ``bits``-bit activations (None: unchanged)."""
@@ -189,7 +152,7 @@ class Recipe(BaseModel):
                 base = self.scheme.activations or ActSpec()
                 acts = ActSpec(**{**base.model_dump(), "bits": bits})
             except ValidationError as e:
-                raise CompensatorError(f"invalid --act-bits: {_first_error(e)}") from None
+                raise CompensatorError(f"invalid --act-bits: {first_error(e)}") from None
         return self.model_copy(
             update={"scheme": self.scheme.model_copy(update={"activations": acts})}
         )
@@ -199,10 +162,17 @@ class Recipe(BaseModel):
         changes = {k: v for k, v in overrides.items() if v is not None}
         if not changes:
             return self
+        if not self.rounder.uses_weight_scheme:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in changes)
+            raise CompensatorError(
+                f"{flags} mean nothing for {self.name or 'this recipe'}: its {self.rounder.name} "
+                f"rounder does not use the uniform weight scheme; set its own options in the "
+                f"recipe's {self.rounder.name} step instead"
+            )
         try:
             weights = QuantSpec(**{**self.scheme.weights.model_dump(), **changes})
         except ValidationError as e:
-            raise CompensatorError(f"invalid scheme override: {_first_error(e)}") from None
+            raise CompensatorError(f"invalid scheme override: {first_error(e)}") from None
         return self.model_copy(
             update={"scheme": self.scheme.model_copy(update={"weights": weights})}
         )
@@ -233,10 +203,12 @@ def _build_step(item: Any) -> StepConfig:
     ((name, options),) = item.items()
     if name not in STEPS:
         raise ValueError(f"unknown step {name!r}; registered steps: {', '.join(sorted(STEPS))}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"the options of step {name!r} must be a mapping, got {options!r}")
     return STEPS[name].model_validate(options or {})
 
 
-def _first_error(e: ValidationError) -> str:
+def first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
@@ -282,4 +254,4 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise CompensatorError(f"recipe {path}: {_first_error(e)}") from None
+        raise CompensatorError(f"recipe {path}: {first_error(e)}") from None

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from compensator.quant.spec import (
-    QuantizedWeight,
-    QuantParams,
-    QuantSpec,
-    fit_params,
-    quantize_with_params,
-)
+from compensator.quant.grid import fit_params, round_to_nearest
+from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
 
 
 def rtn(
@@ -24,4 +19,4 @@ def rtn(
     group's min/max (optionally clip-searched) unless fixed ``params`` are given."""
     if params is None:
         params = fit_params(w.float(), spec, clip_search=clip_search)
-    return QuantizedWeight(quantize_with_params(w.float(), params, spec), params, spec)
+    return round_to_nearest(w, params, spec)

@@ -1,6 +1,9 @@
-"""Recipe steps; importing this package registers every built-in step."""
+"""Recipe steps. Importing this package imports every module in it, so each step's
+``@register_step`` runs: adding a step is adding a module here."""
 
-from compensator.steps import gptq, learned, lqer, lrc, rotate, rtn, vq  # noqa: F401  (registration side effect)
+import importlib
+import pkgutil
+
 from compensator.steps.base import (
     STEPS,
     CorrectorStep,
@@ -10,6 +13,9 @@ from compensator.steps.base import (
     TransformStep,
     register_step,
 )
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "STEPS",

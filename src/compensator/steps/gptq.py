@@ -7,10 +7,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
-from compensator.rounders.gptq import AsymmetricForm, LazySource, gptq
+from compensator.rounders.gptaq import AsymmetricForm, LazySource, gptaq
 from compensator.steps.base import RounderStep, register_step
+from compensator.types import LinearStats
 
 
 @register_step
@@ -56,6 +56,9 @@ class GPTQStep(RounderStep):
     def needs_fp_stream(self) -> bool:
         return self.asymmetric
 
+    def provides(self) -> set[str]:
+        return super().provides() | ({"fp_inputs"} if self.asymmetric else set())
+
     def fp_stream_low_precision(self) -> bool:
         return self.fp_precision == "bfloat16"
 
@@ -67,7 +70,7 @@ class GPTQStep(RounderStep):
         params: QuantParams | None = None,
     ) -> QuantizedWeight:
         assert stats is not None and stats.hessian is not None
-        return gptq(
+        return gptaq(
             weight,
             stats.hessian,
             spec,

@@ -12,8 +12,13 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from compensator.learn.blockwise import learn_block
 from compensator.learn.learners import LET, LWC, LearnContext, Learner, SingularValues
-from compensator.steps.base import LearnerStep, StepConfig, StepKind, register_step
+from compensator.learn.trainer import TrainSettings
+from compensator.quant.scheme import Scheme
+from compensator.quant.vq import VQSpec
+from compensator.steps.base import LearnerStep, RounderStep, StepConfig, StepKind, register_step
+from compensator.types import BlockContext
 
 
 @register_step
@@ -22,7 +27,7 @@ class LWCStep(LearnerStep):
 
     name: ClassVar[str] = "lwc"
     role: ClassVar[str] = "quantizer"
-    order: ClassVar[int] = LWC.order
+    order_in_kind: ClassVar[int] = LWC.order
     lr: float = Field(1e-2, gt=0, description="learning rate of the clipping logits")
     init: float | Literal["search"] = Field(
         4.0,
@@ -41,7 +46,7 @@ class LETStep(LearnerStep):
 
     name: ClassVar[str] = "let"
     role: ClassVar[str] = "transform"
-    order: ClassVar[int] = LET.order
+    order_in_kind: ClassVar[int] = LET.order
     moves_inputs: ClassVar[bool] = True
     lr: float = Field(5e-3, gt=0)
     alpha: float = Field(
@@ -58,7 +63,7 @@ class LSIStep(LearnerStep):
 
     name: ClassVar[str] = "lsi"
     role: ClassVar[str] = "weights"
-    order: ClassVar[int] = SingularValues.order
+    order_in_kind: ClassVar[int] = SingularValues.order
     lr: float = Field(2e-4, gt=0)
     penalty: float = Field(0.0, ge=0, description="weight of ||M - M0||^2 / ||s||^2")
 
@@ -74,7 +79,7 @@ class SDEStep(LearnerStep):
 
     name: ClassVar[str] = "sde"
     role: ClassVar[str] = "weights"
-    order: ClassVar[int] = SingularValues.order
+    order_in_kind: ClassVar[int] = SingularValues.order
     lr: float = Field(2e-4, gt=0)
     k: int = Field(8, ge=0, description="size of the dense block over the top singular values")
     band: int = Field(0, ge=0, description="learnable off-diagonals on each side (banded SDE)")
@@ -86,10 +91,13 @@ class SDEStep(LearnerStep):
 
 @register_step
 class TrainStep(StepConfig):
-    """How the learned steps are trained, block by block (AdamW, straight-through rounding)."""
+    """How the learned steps are trained, block by block (AdamW, straight-through rounding):
+    its per-block hook builds the recipe's learners, trains them against the FP block, folds
+    them into the block and hands the rounder what they fixed."""
 
     name: ClassVar[str] = "train"
     kind: ClassVar[StepKind] = "trainer"
+    has_block_hook: ClassVar[bool] = True
     epochs: int = Field(10, ge=0, description="passes over the calibration batches per block")
     batch_size: int = Field(2, ge=1, description="calibration windows per optimizer step")
     weight_decay: float = Field(0.0, ge=0)
@@ -102,3 +110,40 @@ class TrainStep(StepConfig):
         0.0, ge=0, description="weight of the loss of the quantized block fed the FP stream"
     )
     seed: int = 0
+
+    def needs_fp_stream(self) -> bool:
+        return True
+
+    def requires(self) -> set[str]:
+        return {"learned"}
+
+    def calibration_batch_size(self) -> int:
+        return self.batch_size  # one stored calibration batch is one optimizer step
+
+    def process_block(self, ctx: BlockContext, steps: list[StepConfig], scheme: Scheme) -> None:
+        learners = [s for s in steps if isinstance(s, LearnerStep)]
+        rounder = next(s for s in steps if isinstance(s, RounderStep))
+        target = rounder.target_spec(scheme.weights)
+        settings = TrainSettings(
+            epochs=self.epochs,
+            weight_decay=self.weight_decay,
+            cross_layer=self.cross_layer,
+            fp_input_weight=self.fp_input_weight,
+            seed=self.seed + ctx.index,
+        )
+        fixed, result = learn_block(
+            ctx,
+            [(s.name, s.build) for s in learners],
+            scheme.weights,
+            scheme.activations,
+            target if isinstance(target, VQSpec) else None,
+            settings,
+        )
+        ctx.fixed.update(fixed)
+        ctx.report["train"] = {
+            "block": ctx.index,
+            "seconds": result.seconds,
+            "initial_loss": result.initial_loss,
+            "final_loss": result.final_loss,
+        }
+        ctx.progress["loss"] = f"{result.initial_loss:.3g}->{result.final_loss:.3g}"

@@ -7,9 +7,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from compensator.correctors.lowrank import LowRank, l2qer_scale, lqer, resolve_rank
-from compensator.pipeline.stats import LinearStats
-from compensator.steps.base import LowRankCorrector, register_step
+from compensator.correctors.lowrank import l2qer_scale, lqer, resolve_rank
+from compensator.steps.base import LowRankCorrector, LowRankInput, register_step
+from compensator.types import LinearStats, LowRank
 
 
 @register_step
@@ -28,8 +28,8 @@ class LQERStep(LowRankCorrector):
         "input (LQER), or the unquantized one (as LRC does)",
     )
 
-    def raw_input(self) -> bool:
-        return self.input == "raw"
+    def lowrank_input(self) -> LowRankInput:
+        return self.input
 
     def stats(self) -> set[str]:
         return {"abs_mean"} if self.scale == "l2" else set()

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from compensator.correctors.lowrank import LowRank, resolve_rank
+from compensator.correctors.lowrank import RANK_HELP, Rank, resolve_rank
 from compensator.correctors.lrc import (
     lowrank_step,
     lrc_objective,
@@ -15,9 +15,9 @@ from compensator.correctors.lrc import (
     principal_basis,
     relaxed_lowrank,
 )
-from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
-from compensator.steps.base import RANK_HELP, LowRankCorrector, RounderStep, register_step
+from compensator.steps.base import LowRankCorrector, LowRankInput, RounderStep, register_step
+from compensator.types import LinearStats, LowRank
 
 
 @register_step
@@ -27,8 +27,8 @@ class LRCStep(LowRankCorrector):
     real-valued Wq (``init: relaxed``) or from 0; keep the pair with the lowest objective."""
 
     name: ClassVar[str] = "lrc"
-    joint: ClassVar[bool] = True
-    rank: int | float = Field(0.3, description=RANK_HELP)
+    rounds_itself: ClassVar[bool] = True
+    rank: Rank = Field("30%", description=RANK_HELP)
     iterations: int = Field(1, ge=1, le=10, description="(rounder, low-rank) alternations")
     init: Literal["relaxed", "zero"] = Field(
         "relaxed",
@@ -61,10 +61,13 @@ class LRCStep(LowRankCorrector):
     def fp_stream_low_precision(self) -> bool:
         return self.fp_precision == "bfloat16"
 
-    def raw_input(self) -> bool:
-        return True
+    def provides(self) -> set[str]:
+        return super().provides() | ({"fp_inputs"} if self.asymmetric else set())
 
-    def split_input(self) -> bool:
+    def lowrank_input(self) -> LowRankInput:
+        return "split" if self.split else "raw"
+
+    def splits_input(self) -> bool:
         return self.split
 
     def input_basis(self, shape: tuple[int, int], hessian: torch.Tensor) -> torch.Tensor | None:
@@ -74,17 +77,17 @@ class LRCStep(LowRankCorrector):
         # Rounded as the layer stores its factors, so statistics see the run-time projection.
         return principal_basis(hessian, k).to(torch.float16).float()
 
-    def refine(
+    def solve(
         self,
         weight: torch.Tensor,
         stats: LinearStats | None,
         spec: QuantSpec,
         rounder: RounderStep,
     ) -> tuple[QuantizedWeight, LowRank | None]:
-        qw, lowrank, _ = self.solve(weight, stats, spec, rounder)
+        qw, lowrank, _ = self.solve_with_history(weight, stats, spec, rounder)
         return qw, lowrank
 
-    def solve(
+    def solve_with_history(
         self,
         weight: torch.Tensor,
         stats: LinearStats | None,
@@ -114,6 +117,7 @@ class LRCStep(LowRankCorrector):
         for _ in range(self.iterations):
             target = lrc_target(weight, dense, sxa, saa, self.damp, sta).to(weight.dtype)
             qw = rounder.round(target, rounder_stats, spec)
+            assert isinstance(qw, QuantizedWeight)
             wq = qw.dequantize()
             lowrank = lowrank_step(weight, wq, sxx, sxa, k, self.damp, stx, basis)
             dense = None if lowrank is None else lowrank.dense()

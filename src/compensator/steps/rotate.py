@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 from torch import nn
 
-from compensator.models.adapter import ModelAdapter
+from compensator.errors import CompensatorError
 from compensator.steps.base import TransformStep, register_step
 from compensator.transforms.rotation import rotate_model
+
+if TYPE_CHECKING:
+    from compensator.models.adapter import ModelAdapter
 
 
 @register_step
@@ -27,9 +30,16 @@ class RotateStep(TransformStep):
     online_o: bool = Field(False, description="online Hadamard on o_proj's input (mixes heads)")
 
     def transform_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        layout = adapter.arch.rotation
+        if layout is None:
+            raise CompensatorError(
+                f"the rotate step has no layout for {adapter.arch.name!r} models; supported: "
+                "llama, mistral, qwen2, qwen3"
+            )
         rotate_model(
             model,
-            adapter,
+            adapter.blocks(model),
+            layout,
             seed=self.seed,
             rotation=self.rotation,
             heads=self.heads,

@@ -6,10 +6,10 @@ from typing import ClassVar
 
 import torch
 
-from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
 from compensator.rounders.rtn import rtn
 from compensator.steps.base import RounderStep, register_step
+from compensator.types import LinearStats
 
 
 @register_step

@@ -10,10 +10,10 @@ from pydantic import Field
 
 from compensator.learn.learners import LearnContext, Learner
 from compensator.learn.ssvq import SSVQ
-from compensator.pipeline.stats import LinearStats
 from compensator.quant.spec import QuantizedWeight, QuantSpec
 from compensator.quant.vq import VQSpec, VQWeight, vq_quantize
 from compensator.steps.base import LearnerStep, RounderStep, register_step
+from compensator.types import LinearStats
 
 
 @register_step
@@ -25,6 +25,8 @@ class VQStep(RounderStep):
     name: ClassVar[str] = "vq"
     rows_independent: ClassVar[bool] = False  # one codebook serves all rows
     accepts_params: ClassVar[bool] = True  # a trained VQ weight (ssvq) is taken as is
+    result_format: ClassVar[str] = "vq"
+    uses_weight_scheme: ClassVar[bool] = False
     dim: int = Field(4, ge=1, le=16)
     bits: int = Field(8, ge=1, le=14)
     signs: bool = False
@@ -41,8 +43,11 @@ class VQStep(RounderStep):
     def stats(self) -> set[str]:
         return {"hessian"} if self.weighted else set()
 
-    def storage(self) -> dict[str, Any]:
-        return {"format": "vq", **self.vq_spec.model_dump()}
+    def provides(self) -> set[str]:
+        return super().provides() | ({"vq_signs"} if self.signs else set())
+
+    def target_spec(self, weights: QuantSpec) -> VQSpec:
+        return self.vq_spec
 
     def round(
         self,
@@ -66,7 +71,7 @@ class SSVQStep(LearnerStep):
 
     name: ClassVar[str] = "ssvq"
     role: ClassVar[str] = "quantizer"
-    order: ClassVar[int] = SSVQ.order
+    order_in_kind: ClassVar[int] = SSVQ.order
     weight_format: ClassVar[str] = "vq"
     lr: float = Field(1e-3, gt=0, description="learning rate of the codebook")
     sign_lr: float = Field(1e-3, gt=0, description="learning rate of the latent signs")
@@ -74,6 +79,9 @@ class SSVQStep(LearnerStep):
     ema: float = Field(0.9, ge=0, lt=1, description="decay of the flip-frequency EMA")
     threshold_start: float = Field(1.0, ge=0, le=1)
     threshold_end: float = Field(0.1, ge=0, le=1)
+
+    def requires(self) -> set[str]:
+        return super().requires() | {"vq_signs"}
 
     def build(self, ctx: LearnContext) -> Learner:
         return SSVQ(

@@ -90,13 +90,3 @@ def random_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
     left, right = factors
     signs = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
     return torch.kron(left.double(), right.double()).float() * signs[None, :]
-
-
-def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """x @ (left (x) right) along the last dimension, without forming the Kronecker product."""
-    a, b = left.shape[0], right.shape[0]
-    shape = x.shape
-    xr = x.reshape(*shape[:-1], a, b)
-    xr = torch.matmul(xr, right.to(x.dtype))  # mixes within each block of b features
-    xr = torch.matmul(left.to(x.dtype).T, xr)  # mixes the a blocks
-    return xr.reshape(shape)

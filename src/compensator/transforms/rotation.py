@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from compensator.errors import CompensatorError
-from compensator.models.adapter import ModelAdapter, RotationLayout
-from compensator.nn.quant_linear import replace_module
+from compensator.nn.layers import replace_module
 from compensator.nn.rotated import RotatedLinear
 from compensator.transforms.hadamard import hadamard_factors, random_orthogonal, random_rotation
+from compensator.types import RotationLayout
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def _rotate_online(block: nn.Module, path: str, generator: torch.Generator) -> N
 @torch.no_grad()
 def rotate_model(
     model: nn.Module,
-    adapter: ModelAdapter,
+    blocks: nn.ModuleList,
+    layout: RotationLayout,
     *,
     seed: int = 0,
     rotation: str = "hadamard",
@@ -109,13 +110,8 @@ def rotate_model(
     online_down: bool = True,
     online_o: bool = False,
 ) -> None:
-    """Rotate ``model`` in place (see the module docstring); FP outputs are unchanged."""
-    layout: RotationLayout | None = adapter.arch.rotation
-    if layout is None:
-        raise CompensatorError(
-            f"the rotate step has no layout for {adapter.arch.name!r} models; supported: "
-            "llama, mistral, qwen2, qwen3"
-        )
+    """Rotate ``model`` (decoder ``blocks`` laid out as ``layout``) in place (see the module
+    docstring); FP outputs are unchanged."""
     config = model.config
     d = config.hidden_size
     g = torch.Generator().manual_seed(seed)
@@ -136,7 +132,7 @@ def rotate_model(
         if heads
         else None
     )
-    for block in adapter.blocks(model):
+    for block in blocks:
         for norm_path, readers, writer in (
             (layout.attn_norm, layout.attn_inputs, layout.attn_output),
             (layout.mlp_norm, layout.mlp_inputs, layout.mlp_output),

@@ -1,0 +1,54 @@
+"""Small linear-algebra helpers shared by the maths and the runtime (torch only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class NotPositiveDefinite(ValueError):
+    """A Gram matrix stayed indefinite under the largest damping the caller allows."""
+
+
+def damped_cholesky(
+    gram: torch.Tensor,
+    damp: float = 0.0,
+    *,
+    floor: float = 1e-6,
+    limit: float = 1.0,
+    then: Callable[[torch.Tensor], T | None] | None = None,
+) -> tuple[T | torch.Tensor, float]:
+    """Lower Cholesky factor of ``gram + lam * mean(diag) * I``, trying lam = ``damp``, then
+    max(10 lam, ``floor``), ... up to ``limit``; returns (factor, lam used).
+
+    ``then`` maps a successful factor to the caller's result (e.g. the factor of the inverse)
+    or None when that in turn fails, which counts as a failure of this lam.
+    """
+    mean_diag = gram.diagonal().mean().clamp(min=1e-30)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    lam = damp
+    while True:
+        chol, info = torch.linalg.cholesky_ex(gram + lam * mean_diag * eye if lam else gram)
+        if int(info) == 0:
+            out = chol if then is None else then(chol)
+            if out is not None:
+                return out, lam
+        lam = max(lam * 10, floor)
+        if lam > limit:
+            raise NotPositiveDefinite(
+                f"the Gram matrix is not positive definite even with damping {limit:g}"
+            )
+
+
+def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """x @ (left (x) right) along the last dimension, without forming the Kronecker product."""
+    a, b = left.shape[0], right.shape[0]
+    shape = x.shape
+    xr = x.reshape(*shape[:-1], a, b)
+    xr = torch.matmul(xr, right.to(x.dtype))  # mixes within each block of b features
+    xr = torch.matmul(left.to(x.dtype).T, xr)  # mixes the a blocks
+    return xr.reshape(shape)

@@ -1,0 +1,139 @@
+"""Calibration passes over one block: the FP pass, and the statistics of a group of Linears."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from compensator.nn.rotated import rotate_input
+from compensator.pipeline.stats import STATISTICS, StatsAccumulator
+from compensator.pipeline.streams import Stream, capture_linear_inputs, run_block
+from compensator.quant.act import ActSpec
+from compensator.steps.base import StepConfig
+from compensator.types import LinearStats
+
+Seconds = dict[str, float]
+
+
+def fp_pass(
+    block: nn.Module, names: list[str], stream: Stream, device: torch.device, storage: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Run the still-FP block on the FP stream: every Linear's input, and its outputs.
+
+    Done once per block before any rounding, so no copy of the FP block is needed. Linears
+    fed the same tensor (q/k/v, gate/up) share one stored input.
+    """
+    inputs: list[dict[str, torch.Tensor]] = []
+    outputs: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(m: nn.Module, args: tuple) -> None:
+            seen[name] = rotate_input(m, args[0])
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        for hidden, kwargs in zip(stream.hidden, stream.kwargs, strict=True):
+            seen.clear()
+            outputs.append(run_block(block, Stream([hidden], [kwargs]), device, storage)[0])
+            stored: dict[int, torch.Tensor] = {}
+            for x in seen.values():
+                if id(x) not in stored:
+                    stored[id(x)] = x.to(storage)
+            inputs.append({n: stored[id(x)] for n, x in seen.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs
+
+
+def collect_stats(
+    block: nn.Module,
+    names: list[str],
+    stream: Stream,
+    fp_inputs: list[dict[str, torch.Tensor]] | None,
+    stat_names: set[str],
+    device: torch.device,
+    seconds: Seconds,
+    act: ActSpec | None = None,
+    bases: dict[str, torch.Tensor | None] | None = None,
+) -> dict[str, LinearStats]:
+    """Statistics of each named Linear's input over all calibration batches.
+
+    Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
+    so X^T X is computed once per distinct input (and split basis, when given).
+    """
+
+    def basis(name: str) -> torch.Tensor | None:
+        return None if bases is None else bases.get(name)
+
+    acc: dict[str, StatsAccumulator] = {}
+    for b, (hidden, kwargs) in enumerate(zip(stream.hidden, stream.kwargs, strict=True)):
+        xs = capture_linear_inputs(block, names, hidden, kwargs, device)
+        if b == 0:
+            first_owner: dict[tuple[int, int], str] = {}
+            for n in names:
+                owner = first_owner.setdefault((id(xs[n]), id(basis(n))), n)
+                if owner == n:
+                    acc[n] = StatsAccumulator(
+                        stat_names, xs[n].shape[-1], xs[n].device, act, basis(n)
+                    )
+                else:
+                    acc[n] = acc[owner]
+        done: set[int] = set()
+        for n in names:
+            if id(acc[n]) in done:
+                continue
+            done.add(id(acc[n]))
+            x_fp = fp_inputs[b][n].to(device) if fp_inputs is not None else None
+            t0 = time.perf_counter()
+            acc[n].update(xs[n], x_fp)
+            seconds["statistics"] += time.perf_counter() - t0
+    finals: dict[int, LinearStats] = {}
+    for a in acc.values():
+        if id(a) not in finals:
+            finals[id(a)] = a.finalize()
+    return {n: finals[id(a)] for n, a in acc.items()}
+
+
+def group_stats(
+    block: nn.Module,
+    group: list[tuple[str, nn.Linear]],
+    stream: Stream,
+    fp_inputs: list[dict[str, torch.Tensor]] | None,
+    stat_names: set[str],
+    splitter: StepConfig | None,
+    device: torch.device,
+    seconds: Seconds,
+    act: ActSpec | None = None,
+) -> dict[str, LinearStats]:
+    """The statistics ``stat_names`` of a group of Linears. With a ``splitter`` (a step whose
+    layers split their input), a first pass gives the Hessians its bases come from, and
+    everything that does not read the split input; a second pass the rest."""
+    names = [n for n, _ in group]
+    if splitter is None:
+        return collect_stats(block, names, stream, fp_inputs, stat_names, device, seconds, act)
+    plain = {n for n in stat_names if not STATISTICS[n].uses_basis} | {"hessian"}
+    first = collect_stats(block, names, stream, fp_inputs, plain, device, seconds)
+    memo: dict[tuple[int, tuple[int, int]], torch.Tensor | None] = {}
+    bases: dict[str, torch.Tensor | None] = {}
+    for name, linear in group:
+        key = (id(first[name]), (linear.out_features, linear.in_features))
+        if key not in memo:
+            hessian = first[name].hessian
+            assert hessian is not None
+            memo[key] = splitter.input_basis(key[1], hessian)
+        bases[name] = memo[key]
+    rest = stat_names - plain
+    second = collect_stats(block, names, stream, fp_inputs, rest, device, seconds, act, bases)
+    return {
+        n: LinearStats(
+            {**first[n].values, **second[n].values}, max(first[n].tokens, second[n].tokens)
+        )
+        for n in names
+    }
