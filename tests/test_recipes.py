@@ -246,4 +246,5 @@ def test_two_rounders(tmp_path: Path) -> None:
 
 def test_zero_rounders(tmp_path: Path, noop_step: type[StepConfig]) -> None:
     msg = load_error(write(tmp_path, "steps:\n  - noop_transform\n"))
-    assert "needs a rounder step (gptq, rtn, vq); it has none" in msg
+    rounders = ", ".join(sorted(n for n, c in STEPS.items() if c.kind == "rounder"))
+    assert f"needs a rounder step ({rounders}); it has none" in msg

@@ -232,7 +232,8 @@ def test_lrc_needs_a_plain_rounder() -> None:
     from compensator.recipes import Recipe
 
     with pytest.raises(
-        ValueError, match=r"lrc needs a rounder that needs only a Hessian.*gptq, rtn"
+        ValueError,
+        match=r"lrc needs a uniform-grid rounder that needs only a Hessian.*gptq, hqq, rtn\)",
     ):
         Recipe.model_validate({"steps": [{"gptq": {"asymmetric": True}}, {"lrc": {}}]})
     with pytest.raises(ValueError, match="lwc and lrc do not compose"):

@@ -12,17 +12,19 @@ import torch
 from torch import nn
 
 from compensator import __version__
-from compensator.checkpoint import (
+from compensator.data import load_calibration_windows, load_eval_windows
+from compensator.errors import CompensatorError
+from compensator.evaluate import EvalResult
+from compensator.evaluate import evaluate as evaluate_windows
+from compensator.io.formats import ExportSource, get_format
+from compensator.io.formats import export as export_source
+from compensator.io.native import (
     FORMAT_VERSION,
     is_checkpoint,
     load_checkpoint,
     read_quantization_config,
     save_checkpoint,
 )
-from compensator.data import load_calibration_windows, load_eval_windows
-from compensator.errors import CompensatorError
-from compensator.evaluate import EvalResult
-from compensator.evaluate import evaluate as evaluate_windows
 from compensator.models.adapter import get_adapter
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
@@ -172,19 +174,43 @@ def _quantization_config(
     }
 
 
-def save(qmodel: QuantizedModel, out: str | Path, *, force: bool = False) -> Path:
-    return save_checkpoint(
-        qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer, force=force
-    )
+def save(
+    qmodel: QuantizedModel,
+    out: str | Path,
+    *,
+    format: str = "native",
+    force: bool = False,
+    **options: Any,
+) -> Path:
+    """Write ``qmodel`` to ``out`` as a native checkpoint, or in another registered format
+    (``compressed-tensors``, ``gguf``; see compensator.io) with that format's ``options``."""
+    if format == "native" and not options:
+        return save_checkpoint(
+            qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer, force=force
+        )
+    source = ExportSource(qmodel.model, qmodel.quantization_config, qmodel.tokenizer)
+    return export_source(source, out, get_format(format, **options), force=force)
+
+
+def export(
+    checkpoint: str | Path, out: str | Path, *, format: str, force: bool = False, **options: Any
+) -> Path:
+    """Convert a saved checkpoint to another format (see :func:`save`)."""
+    fmt = get_format(format, **options)  # bad options fail before loading anything
+    model, tokenizer, _ = load_target(checkpoint, require_checkpoint=True)
+    config = read_quantization_config(checkpoint)["quantization_config"]
+    return export_source(ExportSource(model, config, tokenizer), out, fmt, force=force)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     return load_checkpoint(path, device=device)
 
 
-def load_target(target: str | Path) -> tuple[nn.Module, Any, str | None]:
+def load_target(
+    target: str | Path, *, require_checkpoint: bool = False
+) -> tuple[nn.Module, Any, str | None]:
     """A checkpoint or a plain model: (model, tokenizer, base model recorded by a checkpoint)."""
-    if is_checkpoint(target):
+    if require_checkpoint or is_checkpoint(target):
         qc = read_quantization_config(target)["quantization_config"]
         model = load_checkpoint(target)
         from transformers import AutoTokenizer

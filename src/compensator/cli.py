@@ -154,7 +154,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL (built-in name, HF directory, .gguf file or hub id) and save it to --out."""
     from compensator import api
-    from compensator.checkpoint import check_out
+    from compensator.io.atomic import check_out
 
     check_out(out, force)  # fail before the expensive part
     if no_progress:
@@ -227,6 +227,72 @@ def eval_cmd(
         f"ppl {result.ppl:.3f}  fp_ppl {fp_ppl}  kl {kl}{bpw}  "
         f"({result.windows} windows x {result.seqlen})"
     )
+
+
+_EXPORT_OPTION_OF = {
+    "--no-regroup": "compressed-tensors",
+    "--dtype": "compressed-tensors",
+    "--gguf-type": "gguf",
+    "--gguf-base": "gguf",
+}
+
+
+@main.command("export")
+@click.argument("checkpoint")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["compressed-tensors", "gguf", "native"]),
+    required=True,
+    help="compressed-tensors (transformers, vLLM) or gguf (llama.cpp, ollama).",
+)
+@click.option("--out", required=True, help="Output directory (a .gguf file for gguf).")
+@click.option(
+    "--no-regroup",
+    is_flag=True,
+    help="compressed-tensors: refuse a ragged last group instead of re-grouping it exactly.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default=None,
+    help="compressed-tensors: dtype of scales and unquantized tensors (default float32).",
+)
+@click.option(
+    "--gguf-type",
+    type=click.Choice(["auto", "Q4_0", "Q4_1", "Q8_0"]),
+    default=None,
+    help="gguf: block type (default: from the scheme).",
+)
+@click.option("--gguf-base", default=None, help="gguf: a GGUF of the base model (tokenizer).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@_friendly
+def export_cmd(
+    checkpoint: str,
+    fmt: str,
+    out: str,
+    no_regroup: bool,
+    dtype: str | None,
+    gguf_type: str | None,
+    gguf_base: str | None,
+    force: bool,
+) -> None:
+    """Convert CHECKPOINT (written by quantize) to a format other engines load."""
+    from compensator import api
+
+    options: dict[str, Any] = {}
+    if fmt == "compressed-tensors":
+        options = {"regroup": not no_regroup, **({"dtype": dtype} if dtype else {})}
+    elif fmt == "gguf":
+        options = {"gguf_type": gguf_type or "auto", "base": gguf_base}
+    given = {"--no-regroup": no_regroup, "--dtype": dtype, "--gguf-type": gguf_type,
+             "--gguf-base": gguf_base}  # fmt: skip
+    stray = [flag for flag, value in given.items() if value and _EXPORT_OPTION_OF[flag] != fmt]
+    if stray:
+        raise CompensatorError(f"{', '.join(stray)} mean nothing for --format {fmt}")
+    t0 = time.perf_counter()
+    path = api.export(checkpoint, out, format=fmt, force=force, **options)
+    click.echo(f"exported {path} ({fmt}, {time.perf_counter() - t0:.1f}s)")
 
 
 @main.command()

@@ -76,6 +76,14 @@ def builtin_models() -> list[str]:
     return sorted(_BUILTINS)
 
 
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file a model source names (a built-in model or a .gguf path), else None."""
+    if name_or_path in _BUILTINS:
+        return _BUILTINS[name_or_path]()
+    path = Path(name_or_path).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
 def load_model(
     name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> LoadedModel:

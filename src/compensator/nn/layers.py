@@ -31,6 +31,15 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, formats)]
 
 
+def keep_dense(module: nn.Module, on: bool) -> None:
+    """Cache (or drop) the dense weights of the quantized layers in ``module``: for
+    calibration, where each layer runs on many large batches."""
+    for _, layer in quantized_layers(module):
+        layer.keep_dense = on
+        if not on:
+            layer.weight_cache = None
+
+
 def bits_per_weight(model: nn.Module) -> float | None:
     """Stored bits per quantized weight over all quantized layers, counting codes, scales,
     zero points, codebooks and low-rank factors (None when there is none)."""

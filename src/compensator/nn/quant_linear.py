@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compensator.nn.kernels import qgemv
 from compensator.nn.registry import (
     LayerExtras,
     LowRankInput,
@@ -90,9 +91,13 @@ class QuantLinear(nn.Module):
                 self.register_buffer("lr_b_scale", torch.ones(rank, dtype=torch.float16))
         self.register_buffer("a_cache", None, persistent=False)
         self.register_buffer("b_cache", None, persistent=False)
-        # Unpacking costs far more than the matmul at calibration batch sizes; the cache is not
-        # saved and moves with the module.
+        # The weight stays packed: forward runs the int4 kernel on few tokens, and dequantizes
+        # for each call on many (a matrix product). Only while ``keep_dense`` (calibration,
+        # where the same layer sees many large batches) is the dense weight cached.
+        self.keep_dense = False
         self.register_buffer("weight_cache", None, persistent=False)
+        self.register_buffer("k_scale", None, persistent=False)  # the kernel's float32 grid
+        self.register_buffer("k_zs", None, persistent=False)
 
     @classmethod
     def from_result(cls, qw: QuantizedWeight, extras: LayerExtras) -> QuantLinear:
@@ -188,8 +193,12 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        # Code that inspects ``layer.weight`` (dtype/device probes, tied-weight checks) keeps working.
+        # Code that inspects ``layer.weight`` (dtype/device probes, tied-weight checks) keeps
+        # working; the dense weight it gets is not kept.
         return self.weight_cache if self.weight_cache is not None else self.dequantize_weight()
+
+    def _clear(self) -> None:
+        self.weight_cache = self.a_cache = self.b_cache = self.k_scale = self.k_zs = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         # model.half()/.to(bfloat16) must not change what is stored (scales in the spec's dtype,
@@ -198,21 +207,52 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         for name, old in kept.items():
             self._buffers[name] = old.to(device=self._buffers[name].device)
-        self.weight_cache = self.a_cache = self.b_cache = None
+        self._clear()
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.weight_cache = self.a_cache = self.b_cache = None
+        self._clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _kernel(self, x: torch.Tensor) -> Any:
+        """The packed int4 kernels when they serve this input, else None."""
+        if (
+            self.spec.bits != 4
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or self.spec.group_width(self.in_features) % 8
+            or self.in_features % 8
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return None
+        return qgemv()
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.keep_dense or self.weight_cache is not None:  # calibration: the exact weight
+            if self.weight_cache is None:
+                self.weight_cache = self.dequantize_weight()
+            return F.linear(x, self.weight_cache.to(x.dtype), bias)
+        kernel = self._kernel(x)
+        if kernel is None:
+            return F.linear(x, self.dequantize_weight().to(x.dtype), bias)
+        if self.k_scale is None:
+            qw = self.quantized_weight()
+            self.k_scale = qw.params.scale.contiguous()
+            self.k_zs = (qw.params.zero * qw.params.scale).contiguous()
+        group = self.spec.group_width(self.in_features)
+        if x.numel() // self.in_features > KERNEL_MAX_ROWS:  # a matrix product: BLAS
+            w = kernel.dequant_int4(self.qweight, self.k_scale, self.k_zs, group, self.in_features)
+            return F.linear(x, w, bias)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = kernel.qgemv_int4(flat, self.qweight, self.k_scale, self.k_zs, group)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = rotate_input(self, x)
-        if self.weight_cache is None:
-            self.weight_cache = self.dequantize_weight()
-        w = self.weight_cache.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.rank:
-            return F.linear(self._quantize_input(x), w, bias)
+            return self._matmul(self._quantize_input(x), bias)
         if self.a_cache is None:
             self.a_cache, self.b_cache = self.lowrank().factors()
         b = self.b_cache.to(x.dtype)
@@ -222,10 +262,10 @@ class QuantLinear(nn.Module):
             a32 = self.a_cache.float()
             z = x.float() @ a32
             xq = self._quantize_input(x.float() - z @ a32.T).to(x.dtype)
-            return F.linear(xq, w, bias) + z.to(x.dtype) @ b
+            return self._matmul(xq, bias) + z.to(x.dtype) @ b
         a = self.a_cache.to(x.dtype)
         xq = self._quantize_input(x)
-        return F.linear(xq, w, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
+        return self._matmul(xq, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act_spec is None else quantize_activations(x, self.act_spec)
@@ -247,5 +287,9 @@ class QuantLinear(nn.Module):
             f"{self.spec.label()}{extra}"
         )
 
+
+# Inputs of at most this many rows (tokens) run the packed kernel; more rows are a matrix
+# product, where dequantizing once and calling BLAS is faster.
+KERNEL_MAX_ROWS = 16
 
 _STORED_DTYPE = {"scales", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale", "rot_left", "rot_right"}

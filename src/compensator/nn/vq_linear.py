@@ -64,6 +64,7 @@ class VQLinear(nn.Module):
             a, b = rotation_sizes
             self.register_buffer("rot_left", torch.eye(a))
             self.register_buffer("rot_right", torch.eye(b))
+        self.keep_dense = False  # cache the decoded weight (calibration only)
         self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
@@ -151,10 +152,13 @@ class VQLinear(nn.Module):
         x = rotate_input(self, x)
         if self.act_spec is not None:
             x = quantize_activations(x, self.act_spec)
-        if self.weight_cache is None:
-            self.weight_cache = self.dequantize_weight()
+        w = self.weight_cache
+        if w is None:
+            w = self.dequantize_weight()
+            if self.keep_dense:
+                self.weight_cache = w
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight_cache.to(x.dtype), bias)
+        return F.linear(x, w.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compensator.models.adapter import ModelAdapter
+from compensator.nn.layers import keep_dense
 from compensator.pipeline.context import block_context
 from compensator.pipeline.passes import fp_pass, group_stats
 from compensator.pipeline.solve import solve_group
@@ -217,11 +218,13 @@ def _quantize_block(
                 )  # fmt: skip
         with _Timer(report, "solve"):
             solve_group(block, group, stats, recipe, fixed)
+            keep_dense(block, True)  # later groups and the next block's input reuse them
         report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]
     if streams.q is not None:
         with _Timer(report, "forward"):
             streams.q = streams.q.replaced(run_block(block, streams.q, device, storage))
     streams.fp_next = fp_out
+    keep_dense(block, False)
     blocks[i] = block.to(storage)
     report.blocks += 1
     return progress

@@ -65,8 +65,8 @@ KINDS: dict[str, KindRule] = {
 
 # What a step can offer the others; ``requires`` and ``conflicts`` name these.
 CAPABILITIES: dict[str, str] = {
-    "rounds_any_target": "a rounder that needs only a Hessian and no FP stream, so it can be "
-    "re-run on another target weight and Hessian",
+    "rounds_any_target": "a uniform-grid rounder that needs only a Hessian and no FP stream, so "
+    "it can be re-run on another target weight and Hessian",
     "fixed_params": "a rounder that takes fixed per-group parameters (learned clipping or a "
     "trained codebook)",
     "format:uniform": "a rounder whose layers are uniform integer grids",
@@ -201,7 +201,7 @@ class RounderStep(StepConfig):
 
     def provides(self) -> set[str]:
         out = {f"format:{self.result_format}"}
-        if self.stats() <= {"hessian"} and not self.needs_fp_stream():
+        if self.stats() <= {"hessian"} and not self.needs_fp_stream() and self.uses_weight_scheme:
             out.add("rounds_any_target")
         if self.accepts_params:
             out.add("fixed_params")

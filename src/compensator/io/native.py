@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -31,6 +29,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from compensator.errors import CompensatorError
+from compensator.io.atomic import atomic_dir, dir_size
+from compensator.io.formats import ExportSource, Format, register_format
 from compensator.nn.layers import layer_from_record, replace_module
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,6 @@ def is_checkpoint(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
-def check_out(out: str | Path, force: bool) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CompensatorError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CompensatorError(f"--out {out} exists and is not empty; pass --force to replace it")
-
-
 def save_checkpoint(
     model: nn.Module,
     quantization_config: dict[str, Any],
@@ -70,39 +62,42 @@ def save_checkpoint(
     tokenizer: Any = None,
     force: bool = False,
 ) -> Path:
-    out = Path(out).resolve()
-    check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     t0 = time.perf_counter()
-    try:
-        tmp.mkdir()
-        config = model.config.to_dict()
-        config["quantization_config"] = {
-            **quantization_config,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        save_file(
-            _unique_state_dict(model),
-            str(tmp / WEIGHTS_FILE),
-            metadata={"format": "pt", "quant_method": QUANT_METHOD},
-        )
-        recipe = quantization_config.get("recipe")
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(tmp))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    log.info("saved checkpoint to %s (%.1f MB) in %.1fs", out, size / 1e6, time.perf_counter() - t0)
+    with atomic_dir(out, force=force) as tmp:
+        write_checkpoint(model, quantization_config, tmp, tokenizer=tokenizer)
+    out = Path(out).resolve()
+    log.info(
+        "saved checkpoint to %s (%.1f MB) in %.1fs",
+        out,
+        dir_size(out) / 1e6,
+        time.perf_counter() - t0,
+    )
     return out
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def write_checkpoint(
+    model: nn.Module, quantization_config: dict[str, Any], tmp: Path, *, tokenizer: Any = None
+) -> None:
+    """Write the checkpoint's files into the (temporary) directory ``tmp``."""
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        **quantization_config,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    save_file(
+        unique_state_dict(model),
+        str(tmp / WEIGHTS_FILE),
+        metadata={"format": "pt", "quant_method": QUANT_METHOD},
+    )
+    recipe = quantization_config.get("recipe")
+    if recipe is not None:
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(tmp))
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once, under the input embedding's name."""
     state = model.state_dict()
     emb = model.get_input_embeddings()
@@ -118,21 +113,6 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = t.detach().contiguous()
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)  # put the previous checkpoint back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_quantization_config(path: str | Path) -> dict[str, Any]:
@@ -231,3 +211,19 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     module = model.get_submodule(key.rsplit(".", 1)[0])
     emb = model.get_input_embeddings()
     return getattr(model.config, "tie_word_embeddings", False) and module.weight is emb.weight
+
+
+@register_format
+class Native(Format):
+    """compensator's own checkpoint: holds every layer format, loads with compensator.load."""
+
+    name: ClassVar[str] = "native"
+    summary: ClassVar[str] = "compensator's checkpoint (every layer kind; compensator.load)"
+
+    def refusal(self, name: str, record: dict[str, Any]) -> str | None:
+        return None
+
+    def write(self, source: ExportSource, target: Path) -> None:
+        write_checkpoint(
+            source.model, source.quantization_config, target, tokenizer=source.tokenizer
+        )

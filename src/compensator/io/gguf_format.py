@@ -1,0 +1,170 @@
+"""GGUF export for llama.cpp and ollama (with the ``gguf`` package we read GGUF with).
+
+The quantized Linears become Q4_0 / Q4_1 / Q8_0 blocks holding our codes
+(:mod:`compensator.io.gguf_blocks`; the type follows the scheme, ``gguf_type`` overrides),
+everything else is written as F32. q_proj and k_proj rows are permuted as llama.cpp's
+converter does (rows are independent, so codes and group parameters permute with them).
+Metadata and the tokenizer are copied from a GGUF of the base model: the one the model was
+loaded from (the built-in SmolLM2 is one), or ``base`` when given; writing a tokenizer from
+Hugging Face files is llama.cpp's converter's job and not done here. Llama-family models only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gguf
+import numpy as np
+import torch
+
+from compensator.errors import CompensatorError
+from compensator.io.formats import ExportSource, Format, register_format
+from compensator.io.gguf_blocks import BLOCK, TYPES, auto_type, encode, holds
+from compensator.io.native import unique_state_dict
+from compensator.models.loading import gguf_source
+from compensator.nn.quant_linear import QuantLinear
+
+FILE_TYPES = {
+    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+_KEPT_OUT = ("GGUF.", "general.architecture", "general.file_type")
+
+
+@register_format
+class GGUF(Format):
+    name: ClassVar[str] = "gguf"
+    summary: ClassVar[str] = "Q4_0 / Q4_1 / Q8_0 blocks for llama.cpp and ollama (one file)"
+    path_is_file: ClassVar[bool] = True
+
+    def __init__(self, gguf_type: str = "auto", base: str | None = None) -> None:
+        if gguf_type != "auto" and gguf_type not in TYPES:
+            raise CompensatorError(
+                f"--gguf-type {gguf_type} is not valid: use auto, {', '.join(TYPES)}"
+            )
+        self.gguf_type, self.base = gguf_type, base
+
+    def _type(self, spec: dict[str, Any]) -> str:
+        if self.gguf_type == "auto":
+            return auto_type(spec["bits"], spec["symmetric"])
+        return self.gguf_type
+
+    def refusal(self, name: str, record: dict[str, Any]) -> str | None:
+        if record.get("format") != "uniform":
+            return f"its {record.get('format')} weights (codebooks) have no GGUF block form"
+        if record.get("rank"):
+            return f"its rank-{record['rank']} low-rank factors would be lost"
+        if record.get("rotation"):
+            return "its online input rotation would be lost"
+        if record.get("bias"):
+            return "its bias has no place in this exporter's llama layout"
+        if record.get("activations"):
+            return "its activation quantizer would be lost (llama.cpp quantizes activations its own way)"
+        spec = record["spec"]
+        if spec["scale_dtype"] == "float32":
+            return "its float32 scales are not exact in GGUF's float16 block scales"
+        gs = spec["group_size"]
+        if gs is not None and gs % BLOCK:
+            return f"its g{gs} groups do not fill whole {BLOCK}-weight blocks"
+        qtype = self._type(spec)
+        if not holds(spec["bits"], spec["symmetric"], qtype):
+            sym = "symmetric" if spec["symmetric"] else "asymmetric"
+            return f"{qtype} cannot hold its {sym} {spec['bits']}-bit codes"
+        return None
+
+    def check(self, source: ExportSource) -> None:
+        super().check(source)
+        config = source.model.config
+        if config.model_type != "llama":
+            raise CompensatorError(
+                f"GGUF export supports llama-family models; this one is {config.model_type!r}"
+            )
+        for name in source.records:
+            width = source.model.get_submodule(name).in_features
+            if width % BLOCK:
+                raise CompensatorError(
+                    f"gguf cannot hold {name}: its {width}-column rows are not whole {BLOCK}-weight blocks"
+                )
+        self._base_reader(source)
+
+    def _base_reader(self, source: ExportSource) -> gguf.GGUFReader:
+        base = self.base or source.quantization_config.get("base_model") or ""
+        path = Path(base) if self.base else gguf_source(str(base))
+        if path is None or not path.is_file():
+            raise CompensatorError(
+                f"GGUF export copies the tokenizer and metadata from a GGUF of the base model, "
+                f"and {base!r} is not one; pass --gguf-base FILE.gguf"
+            )
+        reader = gguf.GGUFReader(path)
+        config = source.model.config
+        arch = reader.fields["general.architecture"].contents()
+        blocks = reader.fields.get(f"{arch}.block_count")
+        width = reader.fields.get(f"{arch}.embedding_length")
+        if (
+            blocks is None
+            or width is None
+            or (blocks.contents(), width.contents())
+            != (
+                config.num_hidden_layers,
+                config.hidden_size,
+            )
+        ):
+            raise CompensatorError(f"{path} is not a GGUF of this model (its shape differs)")
+        return reader
+
+    def write(self, source: ExportSource, target: Path) -> None:
+        reader = self._base_reader(source)
+        model, config = source.model, source.model.config
+        types = {self._type(r["spec"]) for r in source.records.values()}
+        writer = gguf.GGUFWriter(target, "llama")
+        for key, field in reader.fields.items():
+            if not key.startswith(_KEPT_OUT):
+                sub = field.types[1] if len(field.types) > 1 else None
+                writer.add_key_value(key, field.contents(), field.types[0], sub)
+        writer.add_file_type(
+            FILE_TYPES[types.pop()] if len(types) == 1 else gguf.LlamaFileType.ALL_F32
+        )
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        heads = (config.num_attention_heads, config.num_key_value_heads)
+        quantized = set(source.records)
+        for key, tensor in unique_state_dict(model).items():
+            module = key.rsplit(".", 1)[0]
+            if module in quantized and not key.endswith(".qweight"):
+                continue  # a layer's scales and zeros go into its blocks
+            out_name = names.get_name(module + ".weight" if module in quantized else key,
+                                      try_suffixes=(".weight", ".bias"))  # fmt: skip
+            if out_name is None:
+                raise CompensatorError(f"gguf has no tensor name for {key}")
+            if module in quantized:
+                data, qtype = self._blocks(model.get_submodule(module), module, heads)
+                writer.add_tensor(out_name, data, raw_dtype=TYPES[qtype])
+            else:
+                writer.add_tensor(out_name, tensor.float().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    def _blocks(
+        self, layer: QuantLinear, name: str, heads: tuple[int, int]
+    ) -> tuple[np.ndarray, str]:
+        qw = layer.quantized_weight()
+        gi = layer.spec.group_of_columns(layer.in_features)
+        codes, scale, zero = qw.codes, qw.params.scale[:, gi], qw.params.zero[:, gi]
+        n_head = heads[0] if name.endswith("q_proj") else heads[1]
+        if name.endswith(("q_proj", "k_proj")):
+            codes, scale, zero = (_permute(t, n_head) for t in (codes, scale, zero))
+        qtype = self._type(layer.spec.model_dump())
+        return encode(codes.numpy(), scale.numpy(), zero.numpy(), qtype), qtype
+
+
+def _permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order for q/k (rotary halves interleaved per head)."""
+    out = rows.shape[0]
+    return (
+        rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(rows.shape)
+    )
