@@ -550,3 +550,64 @@ def test_epochs_on_a_recipe_without_learned_steps_is_a_clear_error(
     assert result.exit_code != 0
     assert "--epochs needs a recipe with a learned step" in result.output
     assert no_model_load == []
+
+
+@pytest.mark.parametrize("which", ["empty", "cwd", "parent", "model", "other"])
+def test_force_never_replaces_what_is_not_an_output(
+    which: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "keep.txt").write_text("mine")
+    (work / "other").mkdir()
+    (work / "other" / "data.csv").write_text("1,2")
+    monkeypatch.chdir(work / "notes")
+    out = {"empty": "", "cwd": ".", "parent": "..", "model": str(tiny_dir),
+           "other": str(work / "other")}[which]  # fmt: skip
+    before = sorted(p.name for p in Path(out or ".").resolve().iterdir())
+    result = invoke(*quantize_args(tiny_dir, out, "--force", recipe="rtn"))
+    why = {"empty": "--out is empty", "cwd": "working directory", "parent": "one of its parents",
+           "model": "holds the source model", "other": "is not a checkpoint or export"}[which]  # fmt: skip
+    assert_user_error(result, why)
+    assert sorted(p.name for p in Path(out or ".").resolve().iterdir()) == before
+    assert (work / "notes" / "keep.txt").read_text() == "mine"
+
+
+def _flip(path: Path, offset: int, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "bits", "missing-embedding"])
+def test_a_damaged_checkpoint_is_refused_before_any_number(
+    damage: str, tiny_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "q"
+    assert invoke(*quantize_args(tiny_dir, out, recipe="rtn")).exit_code == 0
+    weights = out / "model.safetensors"
+    if damage == "flip":
+        _flip(weights, weights.stat().st_size // 2)
+        why = "differs from the checkpoint's manifest"
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-4096])
+        why = "truncated or changed"
+    elif damage == "bits":
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"]["weights"]["bits"] = 3
+        (out / "config.json").write_text(json.dumps(config))
+        why = "config.json"
+    else:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        del state["model.embed_tokens.weight"]
+        save_file(state, weights)
+        (out / "manifest.json").unlink()  # as if written before manifests: the loader checks
+        why = "missing ['model.embed_tokens.weight']"
+    for args in (["eval", str(out), "--windows", "1", "--json"],
+                 ["export", str(out), "--format", "compressed-tensors", "--out",
+                  str(tmp_path / "ct")]):  # fmt: skip
+        result = invoke(*args)
+        assert_user_error(result, why)
+    assert not (tmp_path / "ct").exists()

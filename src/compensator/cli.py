@@ -156,7 +156,7 @@ def quantize(
     from compensator import api
     from compensator.io.atomic import check_out
 
-    check_out(out, force)  # fail before the expensive part
+    check_out(out, force, protect=(model,))  # fail before the expensive part
     if no_progress:
         _no_progress_bars()
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def eval_cmd(
         progress=not no_progress,
     )
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        click.echo(json.dumps(result.to_dict(), allow_nan=False))
         return
     fp_ppl = "-" if result.fp_ppl is None else f"{result.fp_ppl:.3f}"
     kl = "-" if result.kl is None else f"{result.kl:.4f}"
@@ -304,9 +304,9 @@ def recipes() -> None:
     for name in preset_names():
         r = load_recipe(name)
         steps = " -> ".join(_step_label(s) for s in r.steps)
-        click.echo(f"{name:12s} {r.label():16s} {steps}")
+        click.echo(f"{name:22s} {r.label():18s} {steps}")
         if r.description:
-            click.echo(f"{'':12s} {r.description}")
+            click.echo(f"{'':22s} {r.description}")
 
 
 def _step_label(step: Any) -> str:

@@ -38,7 +38,14 @@ class EvalResult:
     bits_per_weight: float | None = None  # stored bits per quantized weight, when quantized
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-safe: a non-finite score becomes None, with an ``error`` saying which."""
+        out = asdict(self)
+        bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+        for k in bad:
+            out[k] = None
+        if bad:
+            out["error"] = f"{', '.join(bad)} not finite (NaN or Inf in the model's outputs)"
+        return out
 
 
 def perplexity(losses: torch.Tensor | Sequence[float]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -11,21 +12,56 @@ from pathlib import Path
 
 from compensator.errors import CompensatorError
 
+# What ``--force`` may replace: an output of ours (these quant methods in config.json).
+REPLACEABLE = ("compensator", "compressed-tensors")
 
-def check_out(out: str | Path, force: bool) -> None:
+
+def _is_output(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+        return (config.get("quantization_config") or {}).get("quant_method") in REPLACEABLE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: str | Path, force: bool, protect: tuple[str | Path, ...] = ()) -> None:
+    """Refuse an output path that would lose data: an existing non-empty one without
+    ``force``; with it, anything but an empty folder or an earlier output of ours, the
+    working directory or one of its parents, and the ``protect``-ed paths (the source
+    model)."""
+    if not str(out).strip():
+        raise CompensatorError("--out is empty; name the output directory")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CompensatorError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force:
         raise CompensatorError(f"--out {out} exists and is not empty; pass --force to replace it")
+    res, cwd = out.resolve(), Path.cwd().resolve()
+    if res == cwd or res in cwd.parents:
+        raise CompensatorError(
+            f"--out {out} is the working directory or one of its parents; --force will not "
+            "replace it: choose a new path"
+        )
+    for p in protect:
+        if Path(p).exists() and (res == Path(p).resolve() or res in Path(p).resolve().parents):
+            raise CompensatorError(f"--out {out} holds the source model {p}; choose another path")
+    if not _is_output(res):
+        raise CompensatorError(
+            f"--out {out} is not a checkpoint or export (no compensator or compressed-tensors "
+            "config.json); --force replaces only those: choose another path"
+        )
 
 
 @contextmanager
-def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    out: str | Path, *, force: bool = False, protect: tuple[str | Path, ...] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block completes; on any
     error or interrupt it is removed and ``out`` is left as it was."""
+    check_out(out, force, protect)
     out = Path(out).resolve()
-    check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     try:
@@ -41,11 +77,15 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
 def atomic_file(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a scratch directory; the one file the block leaves in it at ``out.name``
     replaces ``out`` when the block completes. Nothing is left behind either way."""
+    if not str(out).strip():
+        raise CompensatorError("--out is empty; name the output file")
     out = Path(out).resolve()
     if out.is_dir():
         raise CompensatorError(f"--out {out} is a directory; this format writes one file")
     if out.exists() and not force:
         raise CompensatorError(f"--out {out} exists; pass --force to replace it")
+    if out.exists() and out.open("rb").read(4) != b"GGUF":
+        raise CompensatorError(f"--out {out} is not a GGUF file; --force replaces only those")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     try:

@@ -59,7 +59,9 @@ class CompressedTensors(Format):
             return f"its {record.get('format')} weights (codebooks) have no compressed-tensors form"
         lowrank_input = record.get("lowrank_input", "quantized")
         if record.get("rank") and lowrank_input == "split":
-            return "its split-input low-rank term (a projection on the quantized path) would be lost"
+            return (
+                "its split-input low-rank term (a projection on the quantized path) would be lost"
+            )
         if record.get("rank") and record.get("activations") and lowrank_input == "quantized":
             return (
                 f"its rank-{record['rank']} factors read the quantized activations, which a LoRA "

@@ -97,9 +97,13 @@ def export(source: ExportSource, out: str | Path, fmt: Format, *, force: bool = 
     fmt.check(source)
     t0 = time.perf_counter()
     out = Path(out).resolve()
-    writer = atomic_file if fmt.path_is_file else atomic_dir
-    with writer(out, force=force) as tmp:
-        fmt.write(source, tmp / out.name if fmt.path_is_file else tmp)
+    if fmt.path_is_file:
+        with atomic_file(out, force=force) as tmp:
+            fmt.write(source, tmp / out.name)
+    else:
+        base = source.quantization_config.get("base_model")
+        with atomic_dir(out, force=force, protect=(base,) if base else ()) as tmp:
+            fmt.write(source, tmp)
     for note in source.notes:
         log.info("%s: %s", fmt.name, note)
     size = dir_size(out) if out.is_dir() else out.stat().st_size

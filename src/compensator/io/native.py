@@ -14,6 +14,7 @@ complete, so an interrupted save never leaves a directory that looks like a chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -63,7 +64,8 @@ def save_checkpoint(
     force: bool = False,
 ) -> Path:
     t0 = time.perf_counter()
-    with atomic_dir(out, force=force) as tmp:
+    base = quantization_config.get("base_model")
+    with atomic_dir(out, force=force, protect=(base,) if base else ()) as tmp:
         write_checkpoint(model, quantization_config, tmp, tokenizer=tokenizer)
     out = Path(out).resolve()
     log.info(
@@ -95,6 +97,7 @@ def write_checkpoint(
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(tmp))
+    write_manifest(tmp)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,6 +118,54 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """The size and sha256 of every file of a checkpoint, written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose files differ from its manifest (changed, truncated,
+    missing) with one line naming the file; checkpoints from before manifests are trusted
+    with a warning."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        log.warning("%s has no %s (written before format 3): its files cannot be checked", path, MANIFEST)
+        return
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CompensatorError(f"{manifest} is damaged; the checkpoint cannot be checked") from None
+    for name, entry in entries.items():
+        f = path / name
+        if not f.is_file():
+            raise CompensatorError(f"{f} is missing; the checkpoint is incomplete")
+        if f.stat().st_size != entry["bytes"]:
+            raise CompensatorError(
+                f"{f} has {f.stat().st_size} bytes, not the {entry['bytes']} its manifest "
+                "records (truncated or changed); the checkpoint is damaged"
+            )
+        if _sha256(f) != entry["sha256"]:
+            raise CompensatorError(
+                f"{f} differs from the checkpoint's manifest (sha256); the checkpoint is damaged"
+            )
+
+
 def read_quantization_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
@@ -130,6 +181,7 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
         raise CompensatorError(
             f"{path} was written by a newer compensator (format {qc['format_version']}); upgrade"
         )
+    verify_checkpoint(path)
     return config
 
 
@@ -158,7 +210,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         linear = model.get_submodule(name)
         layer = layer_from_record(records[name], linear.in_features, linear.out_features)
         replace_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that contradict the records
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "")
+        raise CompensatorError(
+            f"{path / WEIGHTS_FILE} does not match its config.json ({first[:200]}); the "
+            "checkpoint is damaged"
+        ) from None
     # Tied weights (lm_head = embeddings) are stored once and re-tied here.
     model.tie_weights()
     missing = [k for k in missing if not _is_tied(model, k)]
@@ -206,10 +265,14 @@ def _legacy_records(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
+    """Whether missing ``key`` is a tied copy of the input embedding (stored once, under the
+    embedding's name), not the embedding itself."""
     if not key.endswith(".weight"):
         return False
     module = model.get_submodule(key.rsplit(".", 1)[0])
     emb = model.get_input_embeddings()
+    if module is emb:
+        return False
     return getattr(model.config, "tie_word_embeddings", False) and module.weight is emb.weight
 
 
