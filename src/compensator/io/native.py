@@ -145,7 +145,9 @@ def verify_checkpoint(path: Path) -> None:
     with a warning."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        log.warning("%s has no %s (written before format 3): its files cannot be checked", path, MANIFEST)
+        log.warning(
+            "%s has no %s (written before format 3): its files cannot be checked", path, MANIFEST
+        )
         return
     try:
         entries = json.loads(manifest.read_text())["files"]
