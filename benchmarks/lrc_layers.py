@@ -35,7 +35,7 @@ def layer_row(w: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, act: Any) 
     from compensator.quant.act import quantize_activations
 
     w = w.double()
-    k = resolve_rank(0.3, *w.shape)
+    k = resolve_rank("30%", *w.shape)
     sxx = _gram(fit, fit)
     eig = torch.linalg.eigvalsh(sxx).flip(0)
     basis = principal_basis(sxx, k).half().double()
@@ -110,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     model, adapter = loaded.model, get_adapter(loaded.model)
-    rotate_model(model, adapter)
+    rotate_model(model, adapter.blocks(model), adapter.arch.rotation)
     n = args.fit_windows + args.held_windows
     windows = load_calibration_windows(loaded.tokenizer, "wikitext2-valid", n, 512, 0)
     blocks = [int(b) for b in args.blocks.split(",")]

@@ -33,52 +33,52 @@ ROWS: dict[str, tuple[str, list[dict[str, Any]]]] = {
         "rotation + GPTAQ (exact form)",
         [ROTATE, {"gptq": {"asymmetric": True, "fp_precision": "bfloat16"}}],
     ),
-    "lrc-0.1": ("rotation + GPTQ + LRC rho 0.1", [ROTATE, GPTQ, {"lrc": {"rank": 0.1}}]),
-    "lrc-0.3": ("rotation + GPTQ + LRC rho 0.3", [ROTATE, GPTQ, {"lrc": {"rank": 0.3}}]),
+    "lrc-0.1": ("rotation + GPTQ + LRC rho 0.1", [ROTATE, GPTQ, {"lrc": {"rank": "10%"}}]),
+    "lrc-0.3": ("rotation + GPTQ + LRC rho 0.3", [ROTATE, GPTQ, {"lrc": {"rank": "30%"}}]),
     "lrc-0.3-it3": (
         "rotation + GPTQ + LRC rho 0.3, 3 iterations",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "iterations": 3}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "30%", "iterations": 3}}],
     ),
     "lrc-asym-0.3": (
         "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours)",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "30%", "asymmetric": True}}],
     ),
     "lrc-0.1-zero": (
         "rotation + GPTQ + LRC rho 0.1, from L = 0",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.1, "init": "zero"}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "10%", "init": "zero"}}],
     ),
     "lrc-0.3-zero": (
         "rotation + GPTQ + LRC rho 0.3, from L = 0",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "init": "zero"}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "30%", "init": "zero"}}],
     ),
     "lrc-0.3-it3-zero": (
         "rotation + GPTQ + LRC rho 0.3, 3 iterations from L = 0",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "iterations": 3, "init": "zero"}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "30%", "iterations": 3, "init": "zero"}}],
     ),
     "lrc-asym-0.3-zero": (
         "rotation + GPTQ + LRC rho 0.3 aimed at the FP output (ours), from L = 0",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "asymmetric": True, "init": "zero"}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "30%", "asymmetric": True, "init": "zero"}}],
     ),
     "lrc-split-0.1": (
         "rotation + GPTQ + LRC rho 0.1, split input (ours)",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.1, "split": True}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "10%", "split": True}}],
     ),
     "lrc-split-0.3": (
         "rotation + GPTQ + LRC rho 0.3, split input (ours)",
-        [ROTATE, GPTQ, {"lrc": {"rank": 0.3, "split": True}}],
+        [ROTATE, GPTQ, {"lrc": {"rank": "30%", "split": True}}],
     ),
     "quarot-o-gptq": ("rotation with online o_proj Hadamard + GPTQ", [ROTATE_O, GPTQ]),
     "lrc-o-0.3": (
         "rotation with online o_proj Hadamard + GPTQ + LRC rho 0.3",
-        [ROTATE_O, GPTQ, {"lrc": {"rank": 0.3}}],
+        [ROTATE_O, GPTQ, {"lrc": {"rank": "30%"}}],
     ),
     "svd-0.1": (
         "rotation + GPTQ + SVD of error (L2QER) rho 0.1",
-        [ROTATE, GPTQ, {"lqer": {"rank": 0.1, "input": "raw"}}],
+        [ROTATE, GPTQ, {"lqer": {"rank": "10%", "input": "raw"}}],
     ),
     "svd-0.3": (
         "rotation + GPTQ + SVD of error (L2QER) rho 0.3",
-        [ROTATE, GPTQ, {"lqer": {"rank": 0.3, "input": "raw"}}],
+        [ROTATE, GPTQ, {"lqer": {"rank": "30%", "input": "raw"}}],
     ),
 }
 
