@@ -9,4 +9,5 @@ export COMPENSATOR_DATA=${COMPENSATOR_DATA:-$(cd .. && pwd)/shared/data}
 export COMPENSATOR_REQUIRE_ALL=1
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
-python -m pytest -q "$@"
+# The slowest tests, so that CI time stays visible (budget: 45 min).
+python -m pytest -q --durations=15 "$@"

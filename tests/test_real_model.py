@@ -136,17 +136,29 @@ def test_split_input_lrc_closes_more_of_the_gap(w4a4: dict[str, float]) -> None:
 
 
 @pytest.fixture(scope="module")
-def w2(smol: LoadedModel, calib: torch.Tensor, windows: torch.Tensor) -> dict[str, object]:
-    """2-bit rows on 8 calibration windows, one training epoch for the learned ones."""
+def calib32(smol: LoadedModel) -> torch.Tensor:
+    return load_calibration_windows(smol.tokenizer, "wikitext2-valid", 32, 512, 0)
+
+
+@pytest.fixture(scope="module")
+def w2(
+    smol: LoadedModel,
+    calib: torch.Tensor,
+    calib32: torch.Tensor,
+    windows: torch.Tensor,
+) -> dict[str, object]:
+    """2-bit rows: GPTQ and OmniQuant as shipped (2 epochs) on 32 calibration windows, the VQ
+    rows on 8 windows and one training epoch; ppl and KL on the 4 eval windows."""
     out: dict[str, object] = {}
-    for name, recipe, kw in (
-        ("gptq", "gptq", {"bits": 2, "group_size": 64}),
-        ("omniquant", "omniquant", {"epochs": 1}),
-        ("vq-2bit", "vq-2bit", {}),
-        ("ssvq-2bit", "ssvq-2bit", {"epochs": 1}),
+    for name, recipe, kw, cal in (
+        ("gptq", "gptq", {"bits": 2, "group_size": 64}, calib32),
+        ("omniquant", "omniquant", {}, calib32),
+        ("vq-2bit", "vq-2bit", {}, calib),
+        ("ssvq-2bit", "ssvq-2bit", {"epochs": 1}, calib),
     ):
-        qm = _quantize(smol, calib, recipe, **kw)
-        out[name] = evaluate(qm.model, windows, progress=False).ppl
+        qm = _quantize(smol, cal, recipe, **kw)
+        res = evaluate(qm.model, windows, fp_model=smol.model, progress=False)
+        out[name], out[f"{name}-kl"] = res.ppl, res.kl
         out[f"{name}-train"] = qm.report.get("train", [])
         out[f"{name}-bits"] = qm.quantization_config["bits_per_weight"]
     return out
@@ -157,11 +169,18 @@ def test_training_lowers_the_block_losses(w2: dict[str, object]) -> None:
         train = w2[f"{name}-train"]
         assert len(train) == 30, name
         lower = sum(t["final_loss"] < t["initial_loss"] for t in train)
-        assert lower >= 27, (name, train)  # one epoch of 8 windows: nearly every block
+        assert lower >= 27, (name, train)  # nearly every block, even at 1 epoch of 8
 
 
 def test_learned_grid_beats_gptq_at_2_bits(w2: dict[str, object]) -> None:
-    assert w2["omniquant"] < 0.5 * w2["gptq"], w2
+    # benchmarks/results/w2-seeds.md, this configuration over calibration and train seeds 0, 1,
+    # 2: ppl on these 4 windows 0.16x, 0.25x, 0.21x GPTQ's, KL 1.74, 1.31, 1.61 nats lower.
+    # The margins (0.4x, 0.8 nats) leave 1.6x room on the worst seed. On 8 or 16 windows the
+    # lead is no claim at all (8 windows, 1 epoch: 0.99x; 16 windows, 2 epochs: 0.36x and
+    # 1.06x), and W2 results there move by a third with the float summation order alone
+    # (1 vs 2 threads): issue 20.
+    assert w2["omniquant"] < 0.4 * w2["gptq"], w2
+    assert w2["omniquant-kl"] < w2["gptq-kl"] - 0.8, w2
 
 
 def test_vq_effective_bits(w2: dict[str, object]) -> None:
