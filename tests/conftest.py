@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,3 +112,18 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "calib.txt").write_text(word_text(6000, seed=1))
     (directory / "eval.txt").write_text(word_text(3000, seed=2))
     return directory
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record (and refuse) any model load, for errors that must come before it."""
+    calls: list[str] = []
+
+    def refuse(name: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        raise AssertionError(f"model {name} loaded before the argument error")
+
+    import compensator.api
+
+    monkeypatch.setattr(compensator.api, "load_model", refuse)
+    return calls

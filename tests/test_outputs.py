@@ -1,0 +1,160 @@
+"""Outputs are never lost or trusted blindly: --force replaces only an earlier output, an
+interrupted save leaves nothing (or keeps the old checkpoint), a damaged checkpoint is
+refused before any number is computed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import compensator.api
+import compensator.io.native
+from cli_helpers import assert_user_error, hidden_entries, invoke, quantize_args
+
+
+def test_force_replaces_a_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    first = invoke(*quantize_args(tiny_dir, out, "--bits", 4, recipe="rtn"))
+    assert first.exit_code == 0, (first.output, first.exception)
+
+    refused = invoke(*quantize_args(tiny_dir, out, "--bits", 3, recipe="rtn"))
+    assert_user_error(refused, "--force", str(out))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["weights"]["bits"] == 4  # untouched
+
+    forced = invoke(*quantize_args(tiny_dir, out, "--bits", 3, "--force", recipe="rtn"))
+    assert forced.exit_code == 0, (forced.output, forced.exception)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["weights"]["bits"] == 3
+    assert [list(step) for step in qc["recipe"]["steps"]] == [["rtn"]]
+    assert hidden_entries(tmp_path) == []  # no .q.partial-* nor .q.old-* left behind
+
+
+def test_quantize_into_an_existing_empty_dir(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    result = invoke(*quantize_args(tiny_dir, out, recipe="rtn"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (out / "model.safetensors").is_file()
+    assert hidden_entries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupted saves
+# --------------------------------------------------------------------------------------------
+
+
+def interrupt_save(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+
+    def boom(tensors: Any, filename: str, *args: Any, **kwargs: Any) -> None:
+        calls.append(filename)
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compensator.io.native, "save_file", boom)
+    return calls
+
+
+def test_interrupted_save_leaves_nothing(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qm = compensator.api.quantize(str(tiny_dir), "rtn", bits=4, group_size=16, progress=False)
+    calls = interrupt_save(monkeypatch)
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        compensator.api.save(qm, out)
+    assert calls, "save_file was not reached"
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_cli_exits_130(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = interrupt_save(monkeypatch)
+    out = tmp_path / "q"
+    result = invoke(*quantize_args(tiny_dir, out, recipe="rtn"))
+    assert calls, "save_file was not reached"
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert "interrupted" in result.stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_forced_save_keeps_the_old_checkpoint(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "q"
+    assert invoke(*quantize_args(tiny_dir, out, "--bits", 4, recipe="rtn")).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    interrupt_save(monkeypatch)
+    result = invoke(*quantize_args(tiny_dir, out, "--bits", 3, "--force", recipe="rtn"))
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert hidden_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("which", ["empty", "cwd", "parent", "model", "other"])
+def test_force_never_replaces_what_is_not_an_output(
+    which: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "keep.txt").write_text("mine")
+    (work / "other").mkdir()
+    (work / "other" / "data.csv").write_text("1,2")
+    monkeypatch.chdir(work / "notes")
+    out = {"empty": "", "cwd": ".", "parent": "..", "model": str(tiny_dir),
+           "other": str(work / "other")}[which]  # fmt: skip
+    before = sorted(p.name for p in Path(out or ".").resolve().iterdir())
+    result = invoke(*quantize_args(tiny_dir, out, "--force", recipe="rtn"))
+    why = {"empty": "--out is empty", "cwd": "working directory", "parent": "one of its parents",
+           "model": "holds the source model", "other": "is not a checkpoint or export"}[which]  # fmt: skip
+    assert_user_error(result, why)
+    assert sorted(p.name for p in Path(out or ".").resolve().iterdir()) == before
+    assert (work / "notes" / "keep.txt").read_text() == "mine"
+
+
+def _flip(path: Path, offset: int, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "bits", "missing-embedding"])
+def test_a_damaged_checkpoint_is_refused_before_any_number(
+    damage: str, tiny_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "q"
+    assert invoke(*quantize_args(tiny_dir, out, recipe="rtn")).exit_code == 0
+    weights = out / "model.safetensors"
+    if damage == "flip":
+        _flip(weights, weights.stat().st_size // 2)
+        why = "differs from the checkpoint's manifest"
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-4096])
+        why = "truncated or changed"
+    elif damage == "bits":
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"]["weights"]["bits"] = 3
+        (out / "config.json").write_text(json.dumps(config))
+        why = "config.json"
+    else:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        del state["model.embed_tokens.weight"]
+        save_file(state, weights)
+        (out / "manifest.json").unlink()  # as if written before manifests: the loader checks
+        why = "missing ['model.embed_tokens.weight']"
+    for args in (["eval", str(out), "--windows", "1", "--json"],
+                 ["export", str(out), "--format", "compressed-tensors", "--out",
+                  str(tmp_path / "ct")]):  # fmt: skip
+        result = invoke(*args)
+        assert_user_error(result, why)
+    assert not (tmp_path / "ct").exists()
