@@ -1,10 +1,14 @@
 """Outputs are never lost or trusted blindly: --force replaces only an earlier output, an
 interrupted save leaves nothing (or keeps the old checkpoint), a damaged checkpoint is
-refused before any number is computed."""
+refused before any number is computed, and so is a base model that is not the recorded one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,8 @@ import pytest
 
 import compensator.api
 import compensator.io.native
-from cli_helpers import assert_user_error, hidden_entries, invoke, quantize_args
+from cli_helpers import assert_user_error, eval_json, hidden_entries, invoke, quantize_args
+from conftest import tiny_llama
 
 
 def test_force_replaces_a_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
@@ -81,9 +86,13 @@ def test_interrupted_cli_exits_130(
     assert calls, "save_file was not reached"
     assert result.exit_code == 130, (result.output, result.exception)
     assert "Traceback" not in result.output
-    assert "interrupted" in result.stderr
+    assert "interrupted" in result.stderr and "q.partial" in result.stderr
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
+    # Every block was finished: they are kept for the rerun, nothing else is left.
+    assert [p.name for p in tmp_path.iterdir()] == ["q.partial"]
+    monkeypatch.undo()
+    assert invoke(*quantize_args(tiny_dir, out, recipe="rtn")).exit_code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 def test_interrupted_forced_save_keeps_the_old_checkpoint(
@@ -158,3 +167,81 @@ def test_a_damaged_checkpoint_is_refused_before_any_number(
         result = invoke(*args)
         assert_user_error(result, why)
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("change", ["other-model", "gone"])
+def test_eval_refuses_a_base_model_that_is_not_the_recorded_one(
+    change: str, tiny_dir: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    out = tmp_path / "q"
+    assert invoke(*quantize_args(base, out, recipe="rtn")).exit_code == 0
+    if change == "other-model":  # another model saved at the recorded path
+        tiny_llama(seed=9).save_pretrained(base, safe_serialization=True)
+        why = ["is not the base model this checkpoint was made from", "--fp"]
+    else:
+        shutil.rmtree(base)
+        why = ["is gone", "--fp"]
+    assert_user_error(invoke("eval", out, "--windows", "1", "--json"), *why)
+    # the way out the message names: the original model, passed explicitly
+    result = eval_json(out, tiny_dir, "--fp", tiny_dir, windows=1)
+    assert result["kl"] is not None and result["kl"] >= 0
+
+
+def test_checkpoint_records_its_base_model_fingerprint(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    assert invoke(*quantize_args(tiny_dir, out, recipe="rtn")).exit_code == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    files = qc["base_model_fingerprint"]["files"]
+    weights = tiny_dir / "model.safetensors"
+    assert files["model.safetensors"] == {
+        "bytes": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+
+
+def test_leftovers_of_killed_saves_are_removed(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid no longer runs: a save killed mid-way
+    gone = tmp_path / f".q.partial-{finished.pid}-1"
+    gone.mkdir()
+    (gone / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".q.partial-{os.getpid()}-2"  # a save still running
+    alive.mkdir()
+    assert invoke(*quantize_args(tiny_dir, out, recipe="rtn")).exit_code == 0
+    assert not gone.exists() and alive.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory on a 96 KiB filesystem (a tmpfs where mounting is allowed); elsewhere the
+    checkpoint writer fails as a full disk makes safetensors fail."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        from safetensors import SafetensorError
+
+        def full(*args: Any, **kwargs: Any) -> None:
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+
+        monkeypatch.setattr(compensator.io.native, "save_file", full)
+    yield where
+    if mounted.returncode == 0:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_says_so_and_leaves_nothing(tiny_dir: Path, small_disk: Path) -> None:
+    out = small_disk / "q"
+    result = invoke(*quantize_args(tiny_dir, out, recipe="rtn"))
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith("error: disk full while writing"), lines
+    assert not out.exists() and hidden_entries(small_disk) == []

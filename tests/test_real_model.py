@@ -148,13 +148,14 @@ def w2(
     windows: torch.Tensor,
 ) -> dict[str, object]:
     """2-bit rows: GPTQ and OmniQuant as shipped (2 epochs) on 32 calibration windows, the VQ
-    rows on 8 windows and one training epoch; ppl and KL on the 4 eval windows."""
+    rows on 4 windows and one training epoch (their tests check bits and that training lowers
+    the block losses: 30 of 30 blocks at 4 windows as at 8); ppl and KL on the 4 eval windows."""
     out: dict[str, object] = {}
     for name, recipe, kw, cal in (
         ("gptq", "gptq", {"bits": 2, "group_size": 64}, calib32),
         ("omniquant", "omniquant", {}, calib32),
-        ("vq-2bit", "vq-2bit", {}, calib),
-        ("ssvq-2bit", "ssvq-2bit", {"epochs": 1}, calib),
+        ("vq-2bit", "vq-2bit", {}, calib[:4]),
+        ("ssvq-2bit", "ssvq-2bit", {"epochs": 1}, calib[:4]),
     ):
         qm = _quantize(smol, cal, recipe, **kw)
         res = evaluate(qm.model, windows, fp_model=smol.model, progress=False)
@@ -169,7 +170,7 @@ def test_training_lowers_the_block_losses(w2: dict[str, object]) -> None:
         train = w2[f"{name}-train"]
         assert len(train) == 30, name
         lower = sum(t["final_loss"] < t["initial_loss"] for t in train)
-        assert lower >= 27, (name, train)  # nearly every block, even at 1 epoch of 8
+        assert lower >= 27, (name, train)  # nearly every block, even at 1 epoch of 4
 
 
 def test_learned_grid_beats_gptq_at_2_bits(w2: dict[str, object]) -> None:

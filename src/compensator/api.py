@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 
 from compensator import __version__
-from compensator.data import load_calibration_windows, load_eval_windows
-from compensator.errors import CompensatorError
+from compensator.data import load_calibration_windows, load_eval_windows, resolve_text
+from compensator.errors import CompensatorError, RunInterrupted
 from compensator.evaluate import EvalResult
 from compensator.evaluate import evaluate as evaluate_windows
 from compensator.io.formats import ExportSource, get_format
@@ -25,10 +26,22 @@ from compensator.io.native import (
     read_quantization_config,
     save_checkpoint,
 )
-from compensator.models.adapter import get_adapter
+from compensator.models.adapter import ModelAdapter, get_adapter
+from compensator.models.checks import (
+    check_finite_weights,
+    check_group_size,
+    check_scheme_fits,
+    check_token_ids,
+)
+from compensator.models.fingerprint import (
+    check_fingerprint,
+    source_fingerprint,
+    tensors_fingerprint,
+)
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
-from compensator.pipeline.runner import run_pipeline
+from compensator.pipeline.resume import RunState, run_fingerprint
+from compensator.pipeline.runner import PipelineReport, run_pipeline
 from compensator.recipes.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,8 @@ class QuantizedModel:
     tokenizer: Any
     quantization_config: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
+    # The run state its blocks were written to; removed once the model is saved.
+    state: RunState | None = field(default=None, repr=False)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -60,11 +75,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _as_loaded(model: str | nn.Module | LoadedModel, tokenizer: Any) -> LoadedModel:
+def _as_loaded(
+    model: str | nn.Module | LoadedModel, tokenizer: Any, trust_remote_code: bool = False
+) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str | Path):
-        return load_model(str(model))
+        return load_model(str(model), trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise CompensatorError(
             "quantize(model_object) needs tokenizer=...; or pass a model name/path"
@@ -92,6 +109,9 @@ def quantize(
     batch_size: int = 8,
     inplace: bool = False,
     progress: bool = True,
+    resume: str | Path | RunState | None = None,
+    restart: bool = False,
+    trust_remote_code: bool = False,
 ) -> QuantizedModel:
     """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
 
@@ -102,6 +122,12 @@ def quantize(
     windows [n, seqlen] used as is. ``rank`` is a number of components or a share like "30%".
     Touches no process-wide state: every random draw has its own generator, seeded from
     ``seed`` (calibration windows) or from the recipe's steps.
+
+    ``resume`` (a directory, or an open :class:`RunState`) keeps every finished block there:
+    calling again with the same arguments after a crash or Ctrl-C continues at the first
+    unfinished block, bit-identical to an uninterrupted run; different arguments, or
+    ``restart``, start over. :func:`save` removes the directory once the model is saved.
+    ``trust_remote_code`` lets a hub or local model run its own Python code (off unless asked).
     """
     rec = (
         load_recipe(recipe)
@@ -112,25 +138,75 @@ def quantize(
     )
     needs_data = rec.needs_data()
     # Check the cheap arguments before loading the model, so bad input fails fast.
+    check_group_size(group_size)
     if needs_data and not isinstance(calibration, torch.Tensor):
         if calib_windows < 1:
             raise CompensatorError(f"--calib-windows {calib_windows} is not valid: use >= 1")
         if seqlen < 2:
             raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
     dev = resolve_device(device)
-    loaded = _as_loaded(model, tokenizer)
-    net = loaded.model if inplace or isinstance(model, str | Path) else copy.deepcopy(loaded.model)
-    net.eval()
-    adapter = get_adapter(net)
-    input_ids, calib_info = None, None
-    if needs_data:
-        input_ids, calib_info = _calibration(loaded, calibration, calib_windows, seqlen, seed)
-    log.info("recipe %s: %s on %s (%s)", rec.name, rec.label(), loaded.source, dev)
-    report = run_pipeline(
-        net, adapter, rec, input_ids, device=dev, batch_size=batch_size, progress=progress
-    )
+    with ExitStack() as stack:
+        state = resume
+        if resume is not None and not isinstance(resume, RunState):
+            state = stack.enter_context(RunState.open(resume, restart=restart))
+        loaded = _as_loaded(model, tokenizer, trust_remote_code)
+        in_memory = not isinstance(model, str | Path)
+        net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
+        check_finite_weights(net)
+        adapter = get_adapter(net)
+        check_scheme_fits(net, adapter, rank, group_size)
+        input_ids, calib_info = None, None
+        if needs_data:
+            input_ids, calib_info = _calibration(loaded, calibration, calib_windows, seqlen, seed)
+            check_token_ids(input_ids, net, "calibration data")
+        elif isinstance(calibration, str) and not calibration.startswith("hf:"):
+            resolve_text(calibration, "calib")  # a missing file is an error all the same
+            log.info("recipe %s uses no calibration data; %s is not read", rec.name, calibration)
+        run = _Run(rec, dev, batch_size, progress, state)
+        base_fp = (None if in_memory else source_fingerprint(loaded.source)) or (
+            tensors_fingerprint(net)
+        )
+        report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, input_ids, calib_info)
     qconfig = _quantization_config(net, rec, report.quantized_layers, loaded.source, calib_info)
-    return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict())
+    qconfig["base_model_fingerprint"] = base_fp
+    return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict(), run.state)
+
+
+@dataclass
+class _Run:
+    recipe: Recipe
+    device: torch.device
+    batch_size: int
+    progress: bool
+    state: RunState | None
+
+    def pipeline(
+        self,
+        net: nn.Module,
+        adapter: ModelAdapter,
+        source: str,
+        base_fp: dict[str, Any],
+        input_ids: torch.Tensor | None,
+        calib_info: dict[str, Any] | None,
+    ) -> PipelineReport:
+        """The block pipeline, resumable when the run has a state."""
+        rec = self.recipe
+        if self.state is not None:
+            fingerprint = run_fingerprint(
+                base_fp, rec.to_yaml_dict(), input_ids, calib_info, self.device,
+                self.batch_size, __version__,
+            )  # fmt: skip
+            self.state.begin(fingerprint, len(adapter.blocks(net)))
+        log.info("recipe %s: %s on %s (%s)", rec.name, rec.label(), source, self.device)
+        try:
+            return run_pipeline(
+                net, adapter, rec, input_ids, device=self.device, batch_size=self.batch_size,
+                progress=self.progress, state=self.state,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            if self.state is None:
+                raise
+            raise RunInterrupted(self.state.interrupted_message()) from None
 
 
 def _calibration(
@@ -185,11 +261,16 @@ def save(
     """Write ``qmodel`` to ``out`` as a native checkpoint, or in another registered format
     (``compressed-tensors``, ``gguf``; see compensator.io) with that format's ``options``."""
     if format == "native" and not options:
-        return save_checkpoint(
+        path = save_checkpoint(
             qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer, force=force
         )
-    source = ExportSource(qmodel.model, qmodel.quantization_config, qmodel.tokenizer)
-    return export_source(source, out, get_format(format, **options), force=force)
+    else:
+        source = ExportSource(qmodel.model, qmodel.quantization_config, qmodel.tokenizer)
+        path = export_source(source, out, get_format(format, **options), force=force)
+    if qmodel.state is not None:
+        qmodel.state.discard()
+        qmodel.state = None
+    return path
 
 
 def export(
@@ -208,8 +289,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
 
 def load_target(
     target: str | Path, *, require_checkpoint: bool = False
-) -> tuple[nn.Module, Any, str | None]:
-    """A checkpoint or a plain model: (model, tokenizer, base model recorded by a checkpoint)."""
+) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+    """A checkpoint or a plain model: (model, tokenizer, a checkpoint's quantization_config)."""
     if require_checkpoint or is_checkpoint(target):
         qc = read_quantization_config(target)["quantization_config"]
         model = load_checkpoint(target)
@@ -219,7 +300,7 @@ def load_target(
             tok = AutoTokenizer.from_pretrained(str(target))
         except (OSError, ValueError):
             tok = load_model(qc["base_model"]).tokenizer
-        return model, tok, qc.get("base_model")
+        return model, tok, qc
     loaded = load_model(str(target))
     return loaded.model, loaded.tokenizer, None
 
@@ -243,25 +324,45 @@ def evaluate(
         raise CompensatorError(f"--windows {windows} is not valid: use a positive count")
     if seqlen < 2:
         raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
-    base = None
+    qc: dict[str, Any] | None = None
     if isinstance(target, QuantizedModel):
-        model, tokenizer = target.model, tokenizer or target.tokenizer
-        base = target.quantization_config.get("base_model")
+        model, tokenizer, qc = (
+            target.model,
+            tokenizer or target.tokenizer,
+            target.quantization_config,
+        )
     elif isinstance(target, str | Path):
-        model, tok, base = load_target(target)
+        model, tok, qc = load_target(target)
         tokenizer = tokenizer or tok
     else:
         model = target
     if tokenizer is None:
         raise CompensatorError("evaluate(model_object) needs tokenizer=...")
-    fp_model = None
-    if isinstance(fp, nn.Module):
-        fp_model = fp
-    elif fp is not None or base is not None:
-        fp_model = load_model(str(fp or base)).model
+    fp_model = fp if isinstance(fp, nn.Module) else None
+    if fp is not None and fp_model is None:
+        fp_model = load_model(str(fp)).model
+    elif fp is None and qc is not None and qc.get("base_model"):
+        fp_model = _recorded_base(qc["base_model"], qc.get("base_model_fingerprint"))
     ids = load_eval_windows(tokenizer, data, seqlen, windows)
+    check_token_ids(ids, model, "evaluation text")
     result = evaluate_windows(
         model, ids, fp_model=fp_model, batch_size=batch_size, progress=progress
     )
     result.bits_per_weight = bits_per_weight(model)
     return result
+
+
+def _recorded_base(base: str, recorded: dict[str, Any] | None) -> nn.Module:
+    """The base model a checkpoint records, refused unless its bytes are the recorded ones."""
+    if recorded is None:  # checkpoints from before fingerprints
+        return load_model(base).model
+    check_fingerprint(base, recorded, None)  # files: before loading anything
+    try:
+        model = load_model(base).model
+    except CompensatorError:
+        raise CompensatorError(
+            f"the base model {base} recorded by the checkpoint cannot be loaded; pass the FP "
+            "model with --fp (or fp=...) to compute KL against it"
+        ) from None
+    check_fingerprint(base, recorded, model)  # tensors: once loaded
+    return model

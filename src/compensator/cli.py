@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from compensator import __version__
-from compensator.errors import CompensatorError
+from compensator.errors import CompensatorError, RunInterrupted
 
 log = logging.getLogger("compensator")
 
@@ -45,9 +45,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except CompensatorError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no output was written", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt as e:
+            click.echo(str(e) or "interrupted; no output was written", err=True)
             sys.exit(130)
 
     return wrapper
@@ -147,18 +147,51 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let MODEL run the Python code it ships (off: only built-in transformers classes).",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Discard the finished blocks an interrupted run kept in <out>.partial.",
+)
 @click.option("--no-progress", is_flag=True)
 @_friendly
 def quantize(
-    model: str, recipe: str, out: str, force: bool, no_progress: bool, **opts: Any
+    model: str, recipe: str, out: str, force: bool, restart: bool, no_progress: bool, **opts: Any
 ) -> None:
-    """Quantize MODEL (built-in name, HF directory, .gguf file or hub id) and save it to --out."""
-    from compensator import api
-    from compensator.io.atomic import check_out
+    """Quantize MODEL (built-in name, HF directory, .gguf file or hub id) and save it to --out.
+
+    Finished blocks are kept in <out>.partial until the checkpoint is saved: after a crash,
+    kill or Ctrl-C the same command resumes where the run stopped."""
+    from compensator.io.atomic import check_out, state_dir
+    from compensator.pipeline.resume import RunState
 
     check_out(out, force, protect=(model,))  # fail before the expensive part
     if no_progress:
         _no_progress_bars()
+    with RunState.open(state_dir(out), restart=restart) as state:
+        try:
+            _quantize_and_save(model, recipe, out, force, state, not no_progress, opts)
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:  # while saving: every block is kept
+            raise RunInterrupted(state.interrupted_message()) from None
+
+
+def _quantize_and_save(
+    model: str,
+    recipe: str,
+    out: str,
+    force: bool,
+    state: Any,
+    progress: bool,
+    opts: dict[str, Any],
+) -> None:
+    from compensator import api
+
     t0 = time.perf_counter()
     qm = api.quantize(
         model,
@@ -175,7 +208,9 @@ def quantize(
         epochs=opts["epochs"],
         device=opts["device"],
         batch_size=opts["batch_size"],
-        progress=not no_progress,
+        progress=progress,
+        resume=state,
+        trust_remote_code=opts["trust_remote_code"],
     )
     path = api.save(qm, out, force=force)
     click.echo(

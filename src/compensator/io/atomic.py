@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -10,7 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from compensator.errors import CompensatorError
+from safetensors import SafetensorError
+
+from compensator.errors import CompensatorError, write_failure
+
+log = logging.getLogger(__name__)
 
 # What ``--force`` may replace: an output of ours (these quant methods in config.json).
 REPLACEABLE = ("compensator", "compressed-tensors")
@@ -54,6 +59,35 @@ def check_out(out: str | Path, force: bool, protect: tuple[str | Path, ...] = ()
         )
 
 
+def state_dir(out: str | Path) -> Path:
+    """Where a run writing ``out`` keeps its resumable state: ``<out>.partial`` beside it."""
+    if not str(out).strip():
+        raise CompensatorError("--out is empty; name the output directory")
+    out = Path(out).resolve()
+    return out.with_name(f"{out.name}.partial")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders that killed saves to ``out`` left behind (their
+    process is gone); a live one belongs to a save still running."""
+    for p in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = p.name.removeprefix(f".{out.name}.").partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a killed save", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(
     out: str | Path, *, force: bool = False, protect: tuple[str | Path, ...] = ()
@@ -62,12 +96,16 @@ def atomic_dir(
     error or interrupt it is removed and ``out`` is left as it was."""
     check_out(out, force, protect)
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
+    remove_leftovers(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     try:
         tmp.mkdir()
         yield tmp
         _swap_into_place(tmp, out)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(err, f"{out} (nothing was written there)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -86,14 +124,30 @@ def atomic_file(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise CompensatorError(f"--out {out} exists; pass --force to replace it")
     if out.exists() and out.open("rb").read(4) != b"GGUF":
         raise CompensatorError(f"--out {out} is not a GGUF file; --force replaces only those")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
+    remove_leftovers(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     try:
         tmp.mkdir()
         yield tmp
         (tmp / out.name).replace(out)  # same filesystem: atomic
+    except (OSError, SafetensorError) as err:
+        raise write_failure(err, f"{out} (nothing was written there)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except (OSError, SafetensorError) as err:
+        raise CompensatorError(
+            f"cannot write to {out.parent} ({err.strerror}); choose an --out in a writable "
+            "directory"
+        ) from None
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

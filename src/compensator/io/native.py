@@ -90,7 +90,9 @@ def write_checkpoint(
     save_file(
         unique_state_dict(model),
         str(tmp / WEIGHTS_FILE),
-        metadata={"format": "pt", "quant_method": QUANT_METHOD},
+        # One key: safetensors writes metadata in hash-map order, so with two the same model
+        # would give different bytes from run to run (and different manifest hashes).
+        metadata={"format": "pt"},
     )
     recipe = quantization_config.get("recipe")
     if recipe is not None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -128,7 +130,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     logger.info("loading GGUF %s (dequantizing to %s)", path, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **gguf_kw)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, struct.error, IndexError, KeyError) as err:  # gguf's reader
         raise CompensatorError(
             f"cannot load GGUF file '{path}': {_summary(err)}; check the file is a complete "
             "GGUF of an architecture transformers supports"
@@ -154,6 +156,7 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Loaded
             f"'{path}' is a compensator quantized checkpoint, not a full-precision model; "
             f"load it with compensator.load('{path}')"
         )
+    _refuse_encoder(config, path)
     if not any(path.glob("*.safetensors")):
         raise CompensatorError(
             f"no *.safetensors weights in '{path}' (only safetensors are loaded, pickles like "
@@ -164,10 +167,26 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Loaded
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        raise CompensatorError(f"cannot load model from '{path}': {_summary(err)}") from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CompensatorError(
+            f"cannot load model from '{path}': {_summary(err)}; a truncated or damaged "
+            "*.safetensors file gives this too: copy or download it again"
+        ) from err
     tokenizer = _load_tokenizer(path, where=str(path), trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
+
+
+def _refuse_encoder(config: Any, path: Path) -> None:
+    """BERT-like families load as "causal LMs" in transformers (a decoder head on an encoder)
+    but are not what compensator quantizes or evaluates (perplexity needs a causal model)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise CompensatorError(
+            f"'{path}' is a {model_type} model, an encoder (masked LM): compensator quantizes "
+            "decoder-only causal LMs (Llama, Mistral, Qwen2/3, Gemma, Phi-3, OPT and the like)"
+        )
 
 
 def _load_hub(hub_id: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:

@@ -24,9 +24,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compensator.models.adapter import ModelAdapter
+from compensator.models.checks import check_finite_stats, check_finite_stream
 from compensator.nn.layers import keep_dense
 from compensator.pipeline.context import block_context
 from compensator.pipeline.passes import fp_pass, group_stats
+from compensator.pipeline.resume import RunState
 from compensator.pipeline.solve import solve_group
 from compensator.pipeline.streams import Stream, capture_block_inputs, run_block
 from compensator.recipes.recipe import Recipe
@@ -42,7 +44,7 @@ class PipelineReport:
 
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
-            ("capture", "forward", "statistics", "solve", "train", "total"), 0.0
+            ("capture", "resume", "forward", "statistics", "solve", "train", "total"), 0.0
         )
     )
     blocks: int = 0
@@ -115,8 +117,12 @@ def run_pipeline(
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
+    state: RunState | None = None,
 ) -> PipelineReport:
-    """Quantize ``model`` in place: its block Linears become quantized layers."""
+    """Quantize ``model`` in place: its block Linears become quantized layers.
+
+    With a ``state`` (already begun), the blocks it holds as finished are restored instead of
+    quantized again, and every block quantized here is written to it when done."""
     report = PipelineReport()
     t_start = time.perf_counter()
     for step in recipe.transforms:
@@ -135,6 +141,7 @@ def run_pipeline(
             hidden, block_kwargs = capture_block_inputs(
                 model, blocks, input_ids, batch_size=plan.batch_size, device=device, storage=storage
             )
+        check_finite_stream(hidden, "entering block 0")
         q_stream = Stream(hidden, block_kwargs[0])
         log.info(
             "captured block-0 inputs: %d windows x %d tokens in %.1fs",
@@ -145,23 +152,80 @@ def run_pipeline(
     # Measured: feeding D from half of the batches cost 7.8 ppl at W3 (GPTQ-exact 59.5 ->
     # 67.3), so the FP stream always carries every batch.
     fp_hidden = q_stream.hidden if plan.keep_fp and q_stream is not None else None
-    bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
+    start = 0 if state is None else state.finished
+    if state is not None and start:
+        with _Timer(report, "resume"):
+            q_stream, fp_hidden = _restore_finished(
+                state, blocks, adapter, plan, q_stream, fp_hidden, block_kwargs, device,
+                storage, report,
+            )  # fmt: skip
+    bar = tqdm(
+        range(start, len(blocks)),
+        initial=start,
+        total=len(blocks),
+        desc="quantizing blocks",
+        unit="block",
+        disable=not progress,
+    )
     for i in bar:
         t_block = time.perf_counter()
-        kwargs = block_kwargs[i] if block_kwargs else []
-        streams = _Streams(
-            None if q_stream is None else Stream(q_stream.hidden, kwargs),
-            None if fp_hidden is None else Stream(fp_hidden, kwargs),
-            block_kwargs[i + 1] if i + 1 < len(block_kwargs) else None,
-        )
-        postfix = _quantize_block(
+        streams = _block_streams(i, q_stream, fp_hidden, block_kwargs)
+        before = len(report.quantized_layers)
+        postfix, block_report = _quantize_block(
             i, blocks, adapter, recipe, plan, streams, device, storage, report
         )
+        if state is not None:
+            prefix = f"{adapter.block_prefix(i)}."
+            names = [n.removeprefix(prefix) for n in report.quantized_layers[before:]]
+            state.save_block(i, blocks[i], block_report, names)
         q_stream, fp_hidden = streams.q, streams.fp_next
         bar.set_postfix(block_s=f"{time.perf_counter() - t_block:.1f}", **postfix)
     report.seconds["total"] = time.perf_counter() - t_start
     _log_report(report)
     return report
+
+
+def _restore_finished(
+    state: RunState,
+    blocks: nn.ModuleList,
+    adapter: ModelAdapter,
+    plan: _Plan,
+    q_stream: Stream | None,
+    fp_hidden: list[torch.Tensor] | None,
+    block_kwargs: list[list[dict[str, Any]]],
+    device: torch.device,
+    storage: torch.device,
+    report: PipelineReport,
+) -> tuple[Stream | None, list[torch.Tensor] | None]:
+    """Blocks 0..k-1 from ``state``, and the streams entering block k."""
+    t0 = time.perf_counter()
+    for i in range(state.finished):
+        streams = _block_streams(i, q_stream, fp_hidden, block_kwargs)
+        _restore_block(i, blocks, adapter, plan, streams, device, storage, report, state)
+        q_stream, fp_hidden = streams.q, streams.fp_next
+    log.info(
+        "resuming %s: blocks 0-%d of %d restored in %.1fs, continuing at block %d",
+        state.directory,
+        state.finished - 1,
+        len(blocks),
+        time.perf_counter() - t0,
+        state.finished,
+    )
+    return q_stream, fp_hidden
+
+
+def _block_streams(
+    i: int,
+    q_stream: Stream | None,
+    fp_hidden: list[torch.Tensor] | None,
+    block_kwargs: list[list[dict[str, Any]]],
+) -> _Streams:
+    kwargs = block_kwargs[i] if block_kwargs else []
+    return _Streams(
+        None if q_stream is None else Stream(q_stream.hidden, kwargs),
+        None if fp_hidden is None else Stream(fp_hidden, kwargs),
+        block_kwargs[i + 1] if i + 1 < len(block_kwargs) else None,
+    )
 
 
 @dataclass
@@ -182,7 +246,8 @@ def _quantize_block(
     device: torch.device,
     storage: torch.device,
     report: PipelineReport,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Quantize block ``i``: the progress-bar fields, and what its hooks reported."""
     block = blocks[i].to(device)
     groups = adapter.linear_groups(block)
     fp_inputs = fp_out = None
@@ -192,6 +257,7 @@ def _quantize_block(
             fp_inputs, fp_out = fp_pass(block, names, streams.fp, device, storage)
     fixed: dict[str, Any] = {}
     progress: dict[str, str] = {}
+    block_report: dict[str, Any] = {}
     hooks = [s for s in recipe.steps if s.has_block_hook]
     if hooks:
         assert streams.q is not None and streams.fp is not None
@@ -203,7 +269,7 @@ def _quantize_block(
         with _Timer(report, "train"):
             for step in hooks:
                 step.process_block(ctx, recipe.steps, recipe.scheme)
-        fixed, progress = ctx.fixed, ctx.progress
+        fixed, progress, block_report = ctx.fixed, ctx.progress, dict(ctx.report)
         for key, value in ctx.report.items():
             report.per_block.setdefault(key, []).append(value)
     splitter = next((s for s in recipe.steps if s.splits_input()), None)
@@ -216,6 +282,7 @@ def _quantize_block(
                     block, group, streams.q, fp_inputs, plan.stat_names, splitter, device,
                     report.seconds, recipe.scheme.activations,
                 )  # fmt: skip
+            check_finite_stats({n: st.values for n, st in stats.items()}, adapter.block_prefix(i))
         with _Timer(report, "solve"):
             solve_group(block, group, stats, recipe, fixed)
             keep_dense(block, True)  # later groups and the next block's input reuse them
@@ -223,11 +290,43 @@ def _quantize_block(
     if streams.q is not None:
         with _Timer(report, "forward"):
             streams.q = streams.q.replaced(run_block(block, streams.q, device, storage))
+        check_finite_stream(streams.q.hidden, f"after block {i}")
     streams.fp_next = fp_out
     keep_dense(block, False)
     blocks[i] = block.to(storage)
     report.blocks += 1
-    return progress
+    return progress, block_report
+
+
+def _restore_block(
+    i: int,
+    blocks: nn.ModuleList,
+    adapter: ModelAdapter,
+    plan: _Plan,
+    streams: _Streams,
+    device: torch.device,
+    storage: torch.device,
+    report: PipelineReport,
+    state: RunState,
+) -> None:
+    """Put back finished block ``i`` from ``state`` and advance the streams past it with the
+    same operations :func:`_quantize_block` used, so that what follows is bit-identical."""
+    block = blocks[i].to(device)
+    fp_out = None
+    if streams.fp is not None:
+        with torch.autocast(device.type, torch.bfloat16, plan.fp_low):
+            _, fp_out = fp_pass(block, [], streams.fp, device, storage)
+    restored = state.load_block(i, block)
+    if streams.q is not None:
+        keep_dense(block, True)
+        streams.q = streams.q.replaced(run_block(block, streams.q, device, storage))
+    streams.fp_next = fp_out
+    keep_dense(block, False)
+    blocks[i] = block.to(storage)
+    report.blocks += 1
+    report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n in restored.layers]
+    for key, value in restored.report.items():
+        report.per_block.setdefault(key, []).append(value)
 
 
 def _log_report(report: PipelineReport) -> None:

@@ -1,0 +1,5 @@
+"""``python -m compensator`` (and ``torchrun -m compensator``): the command line."""
+
+from compensator.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""Checks of a loaded model against what will be fed to it: one clear line, not an error
+from deep inside a rounder ("codes out of range") or an embedding lookup (IndexError)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compensator.errors import CompensatorError
+from compensator.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf in any parameter, naming the first such tensor."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise CompensatorError(
+                f"{name} holds {bad} NaN/Inf values: the model is damaged (or was saved in a "
+                "precision that overflowed); repair or re-export it before quantizing"
+            )
+
+
+def check_token_ids(ids: torch.Tensor, model: nn.Module, what: str) -> None:
+    """Refuse token ids the model's embedding has no row for (a tokenizer of another model)."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is not None and ids.numel() and int(ids.max()) >= rows:
+        raise CompensatorError(
+            f"the tokenizer gives token id {int(ids.max())} in the {what}, but the model's "
+            f"embedding has only {rows} rows: the tokenizer does not belong to this model"
+        )
+
+
+def check_finite_stream(hidden: list[torch.Tensor], where: str) -> None:
+    """Refuse calibration activations with NaN/Inf (they would poison every statistic)."""
+    for h in hidden:
+        if not bool(torch.isfinite(h).all()):
+            raise CompensatorError(
+                f"the calibration activations {where} hold NaN/Inf values (the model overflows "
+                "on this data in this precision); check the model in float32 on the same text"
+            )
+
+
+def check_finite_stats(values: dict[str, dict[str, torch.Tensor]], prefix: str) -> None:
+    """Refuse statistics with NaN/Inf (inputs that overflow), naming the Linear."""
+    for name, stats in values.items():
+        bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CompensatorError(
+                f"the inputs of {prefix}.{name} overflow on the calibration data ({bad[0]} "
+                "holds NaN/Inf): the model's activations there exceed float32; check its "
+                "weights (norm scales) and the data"
+            )
+
+
+def check_group_size(group_size: int | None) -> None:
+    if group_size is not None and 1 <= group_size < 8:
+        raise CompensatorError(
+            f"--group-size {group_size} stores a scale (and a zero) for every {group_size} "
+            "weights, more bits than the weights themselves: use 32-128, or -1 for one group "
+            "per output channel"
+        )
+
+
+def check_scheme_fits(
+    net: nn.Module, adapter: ModelAdapter, rank: int | str | None, group_size: int | None
+) -> None:
+    """Refuse an explicit ``rank`` no layer can hold; warn when groups are wider than every
+    layer."""
+    widths = [
+        (n, m.out_features, m.in_features)
+        for n, m in net.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(f"{adapter.arch.blocks}.")
+    ]
+    if not widths:
+        return
+    if isinstance(rank, int):
+        name, out_f, in_f = min(widths, key=lambda w: min(w[1], w[2]))
+        if rank > min(out_f, in_f):
+            raise CompensatorError(
+                f"--rank {rank} is larger than {name} ({out_f} x {in_f}) can hold: use at "
+                f"most {min(out_f, in_f)} components, or a share like 30%"
+            )
+    widest = max(w[2] for w in widths)
+    if group_size is not None and group_size > widest:
+        log.warning(
+            "--group-size %d is wider than every layer (at most %d inputs): each row is one "
+            "group (as -1, per channel)",
+            group_size,
+            widest,
+        )
