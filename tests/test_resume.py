@@ -45,6 +45,19 @@ def _stop_after(monkeypatch: pytest.MonkeyPatch, blocks: int) -> list[int]:
     return saved
 
 
+def _interrupted_gptq(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks: int = 2
+) -> tuple[Path, Path]:
+    """The 4-block model, and the state of a W4 GPTQ run on it stopped after ``blocks``."""
+    model = _tiny_dir(tmp_path, tiny_dir)
+    where = tmp_path / "run.partial"
+    _stop_after(monkeypatch, blocks)
+    with pytest.raises(RunInterrupted):
+        api.quantize(str(model), "gptq", bits=4, calibration=CALIB, progress=False, resume=where)
+    monkeypatch.undo()
+    return model, where
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -105,12 +118,7 @@ def test_a_different_run_starts_over(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    model = _tiny_dir(tmp_path, tiny_dir)
-    where = tmp_path / "run.partial"
-    _stop_after(monkeypatch, 2)
-    with pytest.raises(RunInterrupted):
-        api.quantize(str(model), "gptq", bits=4, calibration=CALIB, progress=False, resume=where)
-    monkeypatch.undo()
+    model, where = _interrupted_gptq(tiny_dir, tmp_path, monkeypatch)
     loads: list[int] = []
     monkeypatch.setattr(RunState, "load_block", lambda *a: loads.append(1))  # none expected
     with caplog.at_level("WARNING"):
@@ -158,12 +166,7 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_dir: Path, tmp_path: Path)
 def test_a_damaged_saved_block_is_refused(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _tiny_dir(tmp_path, tiny_dir)
-    where = tmp_path / "run.partial"
-    _stop_after(monkeypatch, 2)
-    with pytest.raises(RunInterrupted):
-        api.quantize(str(model), "gptq", bits=4, calibration=CALIB, progress=False, resume=where)
-    monkeypatch.undo()
+    model, where = _interrupted_gptq(tiny_dir, tmp_path, monkeypatch)
     block = where / "block-00001.safetensors"
     data = bytearray(block.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -189,11 +192,7 @@ def test_fingerprint_names_what_changed() -> None:
 def test_run_json_records_the_fingerprint(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _tiny_dir(tmp_path, tiny_dir)
-    where = tmp_path / "run.partial"
-    _stop_after(monkeypatch, 1)
-    with pytest.raises(RunInterrupted):
-        api.quantize(str(model), "gptq", calibration=CALIB, progress=False, resume=where)
+    _, where = _interrupted_gptq(tiny_dir, tmp_path, monkeypatch, blocks=1)
     fp = json.loads((where / "run.json").read_text())["fingerprint"]
     assert set(fp["model"]["files"]) == {"config.json", "model.safetensors"}
     assert len(fp["calibration"]["sha256"]) == 64

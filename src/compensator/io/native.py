@@ -14,7 +14,6 @@ complete, so an interrupted save never leaves a directory that looks like a chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from transformers.initialization import no_init_weights
 from compensator.errors import CompensatorError
 from compensator.io.atomic import atomic_dir, dir_size
 from compensator.io.formats import ExportSource, Format, register_format
+from compensator.models.fingerprint import file_sha256
 from compensator.nn.layers import layer_from_record, replace_module
 
 log = logging.getLogger(__name__)
@@ -123,19 +123,11 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """The size and sha256 of every file of a checkpoint, written last."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in files
     }
     (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
@@ -164,7 +156,7 @@ def verify_checkpoint(path: Path) -> None:
                 f"{f} has {f.stat().st_size} bytes, not the {entry['bytes']} its manifest "
                 "records (truncated or changed); the checkpoint is damaged"
             )
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             raise CompensatorError(
                 f"{f} differs from the checkpoint's manifest (sha256); the checkpoint is damaged"
             )

@@ -42,7 +42,7 @@ def weight_files(source: str | Path) -> list[Path] | None:
     return None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -52,7 +52,7 @@ def _sha256(path: Path) -> str:
 
 def files_fingerprint(files: list[Path]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    out = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     total = sum(e["bytes"] for e in out.values())
     log.info("fingerprinted %d model files (%.0f MB) in %.1fs", len(out), total / 1e6,
              time.perf_counter() - t0)  # fmt: skip
@@ -88,7 +88,7 @@ def check_fingerprint(source: str, recorded: dict[str, Any], model: nn.Module | 
         now = {p.name: p for p in files}
         for name, entry in recorded["files"].items():
             p = now.get(name)
-            if p is None or p.stat().st_size != entry["bytes"] or _sha256(p) != entry["sha256"]:
+            if p is None or p.stat().st_size != entry["bytes"] or file_sha256(p) != entry["sha256"]:
                 raise CompensatorError(
                     f"{Path(source) / name if Path(source).is_dir() else source} is not the "
                     "base model this checkpoint was made from (its bytes differ); pass the "

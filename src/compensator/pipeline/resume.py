@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compensator.errors import CompensatorError, write_failure
+from compensator.models.fingerprint import file_sha256
 from compensator.nn.layers import layer_from_record, replace_module
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ STATE_VERSION = 1
 # Parts of the fingerprint that change the last bits of the numbers but not what the run is:
 # resuming across them is allowed, with a warning.
 SOFT_KEYS = ("threads",)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -182,7 +175,7 @@ class RunState:
             "layers": [[name, block.get_submodule(name).record()] for name in names],
             "report": report,
             "bytes": tensors.stat().st_size,
-            "sha256": _sha256(tensors),
+            "sha256": file_sha256(tensors),
         }
         _write_atomic(self._meta(index), json.dumps(meta, default=str))
 
@@ -190,7 +183,7 @@ class RunState:
         """Turn the FP ``block`` into the saved quantized one, in place."""
         meta = _read_json(self._meta(index))
         tensors = self._tensors(index)
-        if meta is None or not tensors.is_file() or _sha256(tensors) != meta.get("sha256"):
+        if meta is None or not tensors.is_file() or file_sha256(tensors) != meta.get("sha256"):
             raise CompensatorError(
                 f"the saved block {index} in {self.directory} is damaged; run again with "
                 "--restart to start over"
