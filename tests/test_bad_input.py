@@ -62,6 +62,11 @@ ARG_ROWS = {
     "group-size-1": (["--group-size", 1], "rtn", "--group-size 1 stores a scale"),
     "group-size-7": (["--group-size", 7], "rtn", "use 32-128, or -1"),
     "rank-beyond-layer": (["--rank", 1000], "rtn-lqer", "--rank 1000 is larger than"),
+    "seqlen-beyond-context": (
+        ["--seqlen", 4096],
+        "gptq",
+        "--seqlen 4096 is beyond the model's context (2048",
+    ),
 }
 
 
@@ -71,6 +76,11 @@ def test_bad_argument(row: str, tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "q"
     assert_user_error(invoke(*quantize_args(tiny_dir, out, *extra, recipe=recipe)), needle)
     assert not out.exists()
+
+
+def test_eval_seqlen_beyond_context(tiny_dir: Path) -> None:
+    result = invoke("eval", tiny_dir, "--seqlen", 4096, "--windows", 1, "--no-progress")
+    assert_user_error(result, "beyond the model's context (2048 positions)")
 
 
 def test_missing_calib_file_is_an_error_even_for_rtn(tiny_dir: Path, tmp_path: Path) -> None:

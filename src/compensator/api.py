@@ -31,6 +31,7 @@ from compensator.models.checks import (
     check_finite_weights,
     check_group_size,
     check_scheme_fits,
+    check_seqlen,
     check_token_ids,
 )
 from compensator.models.fingerprint import (
@@ -155,13 +156,9 @@ def quantize(
         check_finite_weights(net)
         adapter = get_adapter(net)
         check_scheme_fits(net, adapter, rank, group_size)
-        input_ids, calib_info = None, None
-        if needs_data:
-            input_ids, calib_info = _calibration(loaded, calibration, calib_windows, seqlen, seed)
-            check_token_ids(input_ids, net, "calibration data")
-        elif isinstance(calibration, str) and not calibration.startswith("hf:"):
-            resolve_text(calibration, "calib")  # a missing file is an error all the same
-            log.info("recipe %s uses no calibration data; %s is not read", rec.name, calibration)
+        input_ids, calib_info = _calibration(
+            loaded, net, rec, calibration, calib_windows, seqlen, seed
+        )
         run = _Run(rec, dev, batch_size, progress, state)
         base_fp = (None if in_memory else source_fingerprint(loaded.source)) or (
             tensors_fingerprint(net)
@@ -211,12 +208,34 @@ class _Run:
 
 def _calibration(
     loaded: LoadedModel,
+    net: nn.Module,
+    rec: Recipe,
+    calibration: str | torch.Tensor | None,
+    windows: int,
+    seqlen: int,
+    seed: int,
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """The calibration token windows, and how they were made (for the checkpoint); none
+    for a recipe that reads no data (a named file must exist all the same)."""
+    if not rec.needs_data():
+        if isinstance(calibration, str) and not calibration.startswith("hf:"):
+            resolve_text(calibration, "calib")
+            log.info("recipe %s uses no calibration data; %s is not read", rec.name, calibration)
+        return None, None
+    if not isinstance(calibration, torch.Tensor):
+        check_seqlen(seqlen, net)
+    ids, info = _windows(loaded, calibration, windows, seqlen, seed)
+    check_token_ids(ids, net, "calibration data")
+    return ids, info
+
+
+def _windows(
+    loaded: LoadedModel,
     calibration: str | torch.Tensor | None,
     windows: int,
     seqlen: int,
     seed: int,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The calibration token windows, and how they were made (for the checkpoint)."""
     if isinstance(calibration, torch.Tensor):
         ids = calibration.long()
         return ids, {"source": "token ids", "windows": ids.shape[0], "seqlen": ids.shape[1]}
@@ -343,6 +362,7 @@ def evaluate(
         fp_model = load_model(str(fp)).model
     elif fp is None and qc is not None and qc.get("base_model"):
         fp_model = _recorded_base(qc["base_model"], qc.get("base_model_fingerprint"))
+    check_seqlen(seqlen, model)
     ids = load_eval_windows(tokenizer, data, seqlen, windows)
     check_token_ids(ids, model, "evaluation text")
     result = evaluate_windows(

@@ -58,6 +58,17 @@ def check_finite_stats(values: dict[str, dict[str, torch.Tensor]], prefix: str) 
             )
 
 
+def check_seqlen(seqlen: int, model: nn.Module) -> None:
+    """Refuse windows longer than the model's context (learned positions would index past
+    their table; rotary ones give numbers the model was never trained for)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise CompensatorError(
+            f"--seqlen {seqlen} is beyond the model's context ({context} positions): use at "
+            f"most {context}"
+        )
+
+
 def check_group_size(group_size: int | None) -> None:
     if group_size is not None and 1 <= group_size < 8:
         raise CompensatorError(
