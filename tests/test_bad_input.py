@@ -125,3 +125,27 @@ def test_out_under_a_file(tiny_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "q"
     assert_user_error(invoke(*quantize_args(tiny_dir, out, recipe="rtn")), "afile")
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_remote_code_runs_only_when_asked(
+    command: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import compensator.api
+    from compensator.errors import CompensatorError
+
+    asked: list[bool] = []
+
+    def record(name: str, *args: object, trust_remote_code: bool = False, **kw: object) -> None:
+        asked.append(trust_remote_code)
+        raise CompensatorError("stop here")
+
+    monkeypatch.setattr(compensator.api, "load_model", record)
+    args = (
+        quantize_args(tiny_dir, tmp_path / "q", recipe="rtn")
+        if command == "quantize"
+        else ["eval", tiny_dir, "--no-progress"]
+    )
+    assert_user_error(invoke(*args), "stop here")
+    assert_user_error(invoke(*args, "--trust-remote-code"), "stop here")
+    assert asked == [False, True]

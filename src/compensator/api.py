@@ -307,7 +307,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
 
 
 def load_target(
-    target: str | Path, *, require_checkpoint: bool = False
+    target: str | Path, *, require_checkpoint: bool = False, trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any, dict[str, Any] | None]:
     """A checkpoint or a plain model: (model, tokenizer, a checkpoint's quantization_config)."""
     if require_checkpoint or is_checkpoint(target):
@@ -320,7 +320,7 @@ def load_target(
         except (OSError, ValueError):
             tok = load_model(qc["base_model"]).tokenizer
         return model, tok, qc
-    loaded = load_model(str(target))
+    loaded = load_model(str(target), trust_remote_code=trust_remote_code)
     return loaded.model, loaded.tokenizer, None
 
 
@@ -334,10 +334,13 @@ def evaluate(
     seqlen: int = 512,
     batch_size: int = 1,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> EvalResult:
     """Perplexity (and KL against ``fp`` when given) with the DESIGN protocol.
 
-    For a checkpoint path the FP reference defaults to the base model it records.
+    For a checkpoint path the FP reference defaults to the base model it records (refused
+    unless its files are the recorded ones). ``trust_remote_code`` lets a plain model (the
+    target or ``fp``) run the Python code it ships; checkpoints never do.
     """
     if windows is not None and windows < 1:
         raise CompensatorError(f"--windows {windows} is not valid: use a positive count")
@@ -351,7 +354,7 @@ def evaluate(
             target.quantization_config,
         )
     elif isinstance(target, str | Path):
-        model, tok, qc = load_target(target)
+        model, tok, qc = load_target(target, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or tok
     else:
         model = target
@@ -359,7 +362,7 @@ def evaluate(
         raise CompensatorError("evaluate(model_object) needs tokenizer=...")
     fp_model = fp if isinstance(fp, nn.Module) else None
     if fp is not None and fp_model is None:
-        fp_model = load_model(str(fp)).model
+        fp_model = load_model(str(fp), trust_remote_code=trust_remote_code).model
     elif fp is None and qc is not None and qc.get("base_model"):
         fp_model = _recorded_base(qc["base_model"], qc.get("base_model_fingerprint"))
     check_seqlen(seqlen, model)

@@ -226,6 +226,9 @@ def _quantize_and_save(
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Let a plain model run the Python code it ships."
+)
 @click.option("--no-progress", is_flag=True)
 @_friendly
 def eval_cmd(
@@ -236,6 +239,7 @@ def eval_cmd(
     seqlen: int,
     batch_size: int,
     as_json: bool,
+    trust_remote_code: bool,
     no_progress: bool,
 ) -> None:
     """Perplexity of TARGET (a checkpoint or a model) and KL divergence from the FP model."""
@@ -251,6 +255,7 @@ def eval_cmd(
         seqlen=seqlen,
         batch_size=batch_size,
         progress=not no_progress,
+        trust_remote_code=trust_remote_code,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict(), allow_nan=False))
