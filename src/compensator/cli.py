@@ -147,16 +147,8 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-@click.option(
-    "--trust-remote-code",
-    is_flag=True,
-    help="Let MODEL run the Python code it ships (off: only built-in transformers classes).",
-)
-@click.option(
-    "--restart",
-    is_flag=True,
-    help="Discard the finished blocks an interrupted run kept in <out>.partial.",
-)
+@click.option("--trust-remote-code", is_flag=True, help="Let MODEL run the code it ships.")
+@click.option("--restart", is_flag=True, help="Discard the blocks kept in <out>.partial.")
 @click.option("--no-progress", is_flag=True)
 @_friendly
 def quantize(
