@@ -1,5 +1,7 @@
 """User-facing errors: one line that says what is wrong and how to fix it."""
 
+import errno
+
 
 class CompensatorError(Exception):
     """An error caused by the user's input; the CLI prints its message alone, no traceback,
@@ -17,7 +19,7 @@ class WriteFailed(CompensatorError):
 def write_failure(err: Exception, what: str | object) -> WriteFailed:
     """The one line for an OSError (or safetensors' error, which wraps one as text) while
     writing ``what``."""
-    if getattr(err, "errno", None) == 28 or "os error 28" in str(err):  # ENOSPC
+    if getattr(err, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(err):
         return WriteFailed(f"disk full while writing {what}; free some space and run again")
     reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
     return WriteFailed(f"cannot write {what}: {reason}")

@@ -143,7 +143,7 @@ def _make_parent(out: Path) -> None:
         probe = out.parent / f".{out.name}.probe-{os.getpid()}"
         probe.mkdir()
         probe.rmdir()
-    except (OSError, SafetensorError) as err:
+    except OSError as err:
         raise CompensatorError(
             f"cannot write to {out.parent} ({err.strerror}); choose an --out in a writable "
             "directory"

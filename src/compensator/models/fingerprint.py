@@ -59,14 +59,22 @@ def files_fingerprint(files: list[Path]) -> dict[str, Any]:
     return {"files": out}
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (the calibration windows in a run's fingerprint)."""
+    return hashlib.sha256(_tensor_bytes(t)).hexdigest()
+
+
 def tensors_fingerprint(model: nn.Module) -> dict[str, Any]:
     """For a model that exists only in memory: one sha256 over its named tensors."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        data = t.detach().contiguous().cpu().reshape(-1)
-        h.update(data.view(torch.uint8).numpy().tobytes())
+        h.update(_tensor_bytes(t))
     return {"tensors": h.hexdigest()}
 
 

@@ -21,7 +21,6 @@ block on disk (1 GiB per stream for an 8B model at 128 x 512).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compensator.errors import CompensatorError, write_failure
-from compensator.models.fingerprint import file_sha256
+from compensator.models.fingerprint import file_sha256, tensor_sha256
 from compensator.nn.layers import layer_from_record, replace_module
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 @dataclass
 class RestoredBlock:
-    index: int
     report: dict[str, Any]
     layers: list[str]
 
@@ -83,7 +81,7 @@ class RunState:
         try:
             path.mkdir(parents=True, exist_ok=True)
             lock = (path / "lock").open("a+")
-        except (OSError, SafetensorError) as err:
+        except OSError as err:
             raise CompensatorError(
                 f"cannot create the run state {path} ({err.strerror}); choose an --out whose "
                 "parent is writable"
@@ -106,9 +104,9 @@ class RunState:
 
     # -- the run's identity -------------------------------------------------------------
 
-    def begin(self, fingerprint: dict[str, Any], blocks: int) -> int:
-        """Compare ``fingerprint`` with the stored one: the number of finished blocks that
-        can be reused (0 when starting over, which then clears the old state)."""
+    def begin(self, fingerprint: dict[str, Any], blocks: int) -> None:
+        """Compare ``fingerprint`` with the stored one and set :attr:`finished` to the number
+        of blocks that can be reused (0 when starting over, which clears the old state)."""
         run = self.directory / "run.json"
         old = _read_json(run)
         reason = None
@@ -126,9 +124,8 @@ class RunState:
             self._clear()
             _write_atomic(run, json.dumps({"version": STATE_VERSION, "fingerprint": fingerprint}))
             self._finished = 0
-            return 0
+            return
         self._finished = self._count_finished(blocks)
-        return self._finished
 
     def _count_finished(self, blocks: int) -> int:
         done = 0
@@ -174,7 +171,6 @@ class RunState:
             "index": index,
             "layers": [[name, block.get_submodule(name).record()] for name in names],
             "report": report,
-            "bytes": tensors.stat().st_size,
             "sha256": file_sha256(tensors),
         }
         _write_atomic(self._meta(index), json.dumps(meta, default=str))
@@ -199,11 +195,10 @@ class RunState:
                 f"the saved block {index} in {self.directory} does not fit the model; run "
                 "again with --restart to start over"
             ) from None
-        return RestoredBlock(index, meta["report"], [name for name, _ in meta["layers"]])
+        return RestoredBlock(meta["report"], [name for name, _ in meta["layers"]])
 
     def discard(self) -> None:
-        """Remove the state once its result is saved (the lock file goes last)."""
-        self._clear()
+        """Remove the state once its result is saved."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
     @property
@@ -262,7 +257,7 @@ def run_fingerprint(
     """What makes two runs the same run (``threads`` only changes the last bits)."""
     calibration = None
     if input_ids is not None:
-        calibration = {**(calib_info or {}), "sha256": tensor_digest(input_ids)}
+        calibration = {**(calib_info or {}), "sha256": tensor_sha256(input_ids)}
     return {
         "model": model,
         "recipe": recipe,
@@ -273,9 +268,3 @@ def run_fingerprint(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes (calibration windows in a fingerprint)."""
-    data = t.detach().contiguous().cpu()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
