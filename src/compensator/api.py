@@ -14,7 +14,7 @@ from torch import nn
 
 from compensator import __version__
 from compensator.data import load_calibration_windows, load_eval_windows, resolve_text
-from compensator.errors import CompensatorError, RunInterrupted
+from compensator.errors import CompensatorError
 from compensator.evaluate import EvalResult
 from compensator.evaluate import evaluate as evaluate_windows
 from compensator.io.formats import ExportSource, get_format
@@ -26,7 +26,7 @@ from compensator.io.native import (
     read_quantization_config,
     save_checkpoint,
 )
-from compensator.models.adapter import ModelAdapter, get_adapter
+from compensator.models.adapter import get_adapter
 from compensator.models.checks import (
     check_finite_weights,
     check_group_size,
@@ -41,8 +41,10 @@ from compensator.models.fingerprint import (
 )
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
-from compensator.pipeline.resume import RunState, run_fingerprint
-from compensator.pipeline.runner import PipelineReport, run_pipeline
+from compensator.pipeline.coverage import split_experts
+from compensator.pipeline.passes import StarvedExperts
+from compensator.pipeline.resume import RunState
+from compensator.pipeline.session import PipelineRun
 from compensator.recipes.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ def quantize(
     resume: str | Path | RunState | None = None,
     restart: bool = False,
     trust_remote_code: bool = False,
+    starved_experts: StarvedExperts = "all-tokens",
 ) -> QuantizedModel:
     """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
 
@@ -129,6 +132,10 @@ def quantize(
     unfinished block, bit-identical to an uninterrupted run; different arguments, or
     ``restart``, start over. :func:`save` removes the directory once the model is saved.
     ``trust_remote_code`` lets a hub or local model run its own Python code (off unless asked).
+
+    Fused MoE experts become per-expert Linears (:mod:`compensator.nn.experts`), each fed
+    its routed tokens; one routed fewer tokens than its input width is calibrated on every
+    token (``starved_experts="all-tokens"``) or rounded to nearest (``"rtn"``), with a warning.
     """
     rec = (
         load_recipe(recipe)
@@ -137,14 +144,7 @@ def quantize(
         .with_act_bits(act_bits)
         .with_epochs(epochs)
     )
-    needs_data = rec.needs_data()
-    # Check the cheap arguments before loading the model, so bad input fails fast.
-    check_group_size(group_size)
-    if needs_data and not isinstance(calibration, torch.Tensor):
-        if calib_windows < 1:
-            raise CompensatorError(f"--calib-windows {calib_windows} is not valid: use >= 1")
-        if seqlen < 2:
-            raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
+    _check_cheap(rec, calibration, calib_windows, seqlen, group_size)
     dev = resolve_device(device)
     with ExitStack() as stack:
         state = resume
@@ -154,56 +154,37 @@ def quantize(
         in_memory = not isinstance(model, str | Path)
         net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
         check_finite_weights(net)
+        experts = split_experts(net, rec)
         adapter = get_adapter(net)
         check_scheme_fits(net, adapter, rank, group_size)
         input_ids, calib_info = _calibration(
             loaded, net, rec, calibration, calib_windows, seqlen, seed
         )
-        run = _Run(rec, dev, batch_size, progress, state)
+        run = PipelineRun(
+            rec, dev, batch_size, progress, state, __version__,
+            starved_experts if experts else None,
+        )  # fmt: skip
         base_fp = (None if in_memory else source_fingerprint(loaded.source)) or (
             tensors_fingerprint(net)
         )
         report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, input_ids, calib_info)
     qconfig = _quantization_config(net, rec, report.quantized_layers, loaded.source, calib_info)
     qconfig["base_model_fingerprint"] = base_fp
+    if experts:
+        qconfig["experts"] = {"layout": "unfused", "starved": starved_experts}
     return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict(), run.state)
 
 
-@dataclass
-class _Run:
-    recipe: Recipe
-    device: torch.device
-    batch_size: int
-    progress: bool
-    state: RunState | None
-
-    def pipeline(
-        self,
-        net: nn.Module,
-        adapter: ModelAdapter,
-        source: str,
-        base_fp: dict[str, Any],
-        input_ids: torch.Tensor | None,
-        calib_info: dict[str, Any] | None,
-    ) -> PipelineReport:
-        """The block pipeline, resumable when the run has a state."""
-        rec = self.recipe
-        if self.state is not None:
-            fingerprint = run_fingerprint(
-                base_fp, rec.to_yaml_dict(), input_ids, calib_info, self.device,
-                self.batch_size, __version__,
-            )  # fmt: skip
-            self.state.begin(fingerprint, len(adapter.blocks(net)))
-        log.info("recipe %s: %s on %s (%s)", rec.name, rec.label(), source, self.device)
-        try:
-            return run_pipeline(
-                net, adapter, rec, input_ids, device=self.device, batch_size=self.batch_size,
-                progress=self.progress, state=self.state,
-            )  # fmt: skip
-        except KeyboardInterrupt:
-            if self.state is None:
-                raise
-            raise RunInterrupted(self.state.interrupted_message()) from None
+def _check_cheap(
+    rec: Recipe, calibration: Any, calib_windows: int, seqlen: int, group_size: int | None
+) -> None:
+    """The arguments checked before the model is loaded, so that bad input fails fast."""
+    check_group_size(group_size)
+    if rec.needs_data() and not isinstance(calibration, torch.Tensor):
+        if calib_windows < 1:
+            raise CompensatorError(f"--calib-windows {calib_windows} is not valid: use >= 1")
+        if seqlen < 2:
+            raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
 
 
 def _calibration(

@@ -126,6 +126,10 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+_STARVED = click.Choice(["all-tokens", "rtn"])
+_STARVED_HELP = "MoE: an expert routed too few tokens is calibrated on all tokens, or RTN."
+
+
 @main.command()
 @click.argument("model")
 @click.option(
@@ -149,6 +153,7 @@ def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--trust-remote-code", is_flag=True, help="Let MODEL run the code it ships.")
 @click.option("--restart", is_flag=True, help="Discard the blocks kept in <out>.partial.")
+@click.option("--starved-experts", type=_STARVED, default="all-tokens", help=_STARVED_HELP)
 @click.option("--no-progress", is_flag=True)
 @_friendly
 def quantize(
@@ -203,6 +208,7 @@ def _quantize_and_save(
         progress=progress,
         resume=state,
         trust_remote_code=opts["trust_remote_code"],
+        starved_experts=opts["starved_experts"],
     )
     path = api.save(qm, out, force=force)
     click.echo(

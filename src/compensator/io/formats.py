@@ -44,6 +44,8 @@ class Format:
     name: ClassVar[str]
     summary: ClassVar[str]
     path_is_file: ClassVar[bool] = False  # the output is one file, not a directory
+    # Whether it holds per-expert Linears split from fused experts (compensator.nn.experts).
+    holds_split_experts: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -61,6 +63,12 @@ class Format:
         raise NotImplementedError
 
     def check(self, source: ExportSource) -> None:
+        if source.quantization_config.get("experts") and not self.holds_split_experts:
+            raise CompensatorError(
+                f"{self.name} cannot hold this mixture-of-experts checkpoint: its experts are "
+                "split into per-expert layers, which its loaders do not read back into "
+                "transformers' fused experts yet; keep the native format"
+            )
         for name, record in source.records.items():
             why = self.refusal(name, record)
             if why is not None:

@@ -32,6 +32,7 @@ from compensator.errors import CompensatorError
 from compensator.io.atomic import atomic_dir, dir_size
 from compensator.io.formats import ExportSource, Format, register_format
 from compensator.models.fingerprint import file_sha256
+from compensator.nn.experts import unfuse_experts
 from compensator.nn.layers import layer_from_record, replace_module
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             model = cls._from_config(config, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (qc.get("experts") or {}).get("layout") == "unfused":
+        unfuse_experts(model)
     state = load_file(str(path / WEIGHTS_FILE))
     records = qc.get("layers") or _legacy_records(qc, state)
     for name in qc["modules"]:
@@ -277,6 +280,7 @@ class Native(Format):
     """compensator's own checkpoint: holds every layer format, loads with compensator.load."""
 
     name: ClassVar[str] = "native"
+    holds_split_experts: ClassVar[bool] = True
     summary: ClassVar[str] = "compensator's checkpoint (every layer kind; compensator.load)"
 
     def refusal(self, name: str, record: dict[str, Any]) -> str | None:

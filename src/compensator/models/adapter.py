@@ -8,6 +8,7 @@ the generic adapter instead of silently skipping weights.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ class ArchSpec:
 
     ``groups`` lists Linear layers relative to a block in "true sequential" order: layers in
     one group read the same input and are quantized together; a later group reads what the
-    earlier groups produced, so it is calibrated on already-quantized outputs.
+    earlier groups produced, so it is calibrated on already-quantized outputs. A name with
+    ``*`` is a pattern (experts: ``mlp.experts.*.gate_proj``) and may match no Linear (a dense
+    layer of a mostly sparse model); a plain name must exist.
     ``alt_blocks`` are further candidate paths tried after ``blocks`` (multimodal wrappers
     nest the text decoder one level deeper). ``rotation`` is set for the families whose
     blocks a residual rotation keeps exact (pre-norm RMSNorm, no norm after a sublayer).
@@ -42,6 +45,7 @@ class ArchSpec:
     groups: tuple[tuple[str, ...], ...]
     alt_blocks: tuple[str, ...] = ()
     rotation: RotationLayout | None = None
+    tails: tuple[str, ...] = ()
 
 
 _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -59,6 +63,23 @@ def _llama_like(name: str, *alt_blocks: str, rotation: bool = False) -> ArchSpec
         groups=_LLAMA_GROUPS,
         alt_blocks=alt_blocks,
         rotation=RotationLayout() if rotation else None,
+        tails=("self_attn.o_proj",),
+    )
+
+
+def _moe_like(name: str, mlp: str) -> ArchSpec:
+    experts = f"{mlp}.experts.*"
+    return ArchSpec(
+        name=name,
+        blocks="model.layers",
+        groups=(
+            _LLAMA_GROUPS[0],
+            _LLAMA_GROUPS[1],
+            (f"{experts}.gate_proj", f"{experts}.up_proj", f"{mlp}.gate_proj*", f"{mlp}.up_proj*"),
+            (f"{experts}.down_proj", f"{mlp}.down_proj*"),
+        ),
+        rotation=None,
+        tails=("self_attn.o_proj",),
     )
 
 
@@ -86,7 +107,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("mlp.gate_up_proj",),
             ("mlp.down_proj",),
         ),
+        tails=("self_attn.o_proj",),
     ),
+    # Sparse blocks, with their fused experts unfused first (compensator.nn.experts); the
+    # routers (mlp.gate) are not Linears and stay in full precision. Qwen3-MoE's dense layers
+    # (mlp_only_layers, decoder_sparse_step) match the plain mlp.* patterns instead.
+    "qwen3_moe": _moe_like("qwen3_moe", "mlp"),
+    "mixtral": _moe_like("mixtral", "mlp"),
     "opt": ArchSpec(
         name="opt",
         blocks="model.decoder.layers",
@@ -96,6 +123,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("fc1",),
             ("fc2",),
         ),
+        tails=("self_attn.out_proj",),
     ),
 }
 
@@ -130,9 +158,13 @@ class ModelAdapter:
             # One group: every Linear sees inputs captured from the same (unquantized) pass.
             return [_all_linears(block)]
         groups: LinearGroups = []
+        linears = _all_linears_dict(block)
         for names in self.arch.groups:
             group: list[tuple[str, nn.Linear]] = []
             for name in names:
+                if "*" in name:
+                    group += [(n, m) for n, m in linears.items() if fnmatch.fnmatchcase(n, name)]
+                    continue
                 module = _get_submodule(block, name)
                 if not isinstance(module, nn.Linear):
                     raise UnsupportedModelError(
@@ -141,7 +173,8 @@ class ModelAdapter:
                         "retry with the generic adapter"
                     )
                 group.append((name, module))
-            groups.append(group)
+            if group:
+                groups.append(group)
         return groups
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
@@ -185,10 +218,9 @@ def _declared_adapter(model: nn.Module, spec: ArchSpec) -> tuple[ModelAdapter | 
         return None, f"no decoder blocks at {' or '.join(paths)}"
     path, blocks = found[0]
     adapter = ModelAdapter(dataclasses.replace(spec, blocks=path, alt_blocks=()))
-    declared = {name for group in spec.groups for name in group}
     for block in blocks:
         try:
-            adapter.linear_groups(block)
+            declared = set(adapter.linears(block))
         except UnsupportedModelError as err:
             return None, str(err)
         # An undeclared Linear would silently stay in full precision; generic catches it.

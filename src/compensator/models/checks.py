@@ -4,6 +4,7 @@ from deep inside a rounder ("codes out of range") or an embedding lookup (IndexE
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,4 +105,37 @@ def check_scheme_fits(
             "group (as -1, per channel)",
             group_size,
             widest,
+        )
+
+
+def fused_left(prefix: str, name: str, module: nn.Module, pname: str, p: nn.Parameter) -> str:
+    shape = " x ".join(map(str, p.shape))
+    where = ".".join(x for x in (prefix, name, pname) if x)
+    return (
+        f"{where} ({type(module).__name__}, {shape}) would be left in full precision: a "
+        "fused experts layout compensator cannot split into Linears; report the model family"
+    )
+
+
+def check_no_fused_weights(model: nn.Module) -> None:
+    """Refuse, before any work, a model with weight tensors of 3+ dimensions left after
+    :func:`compensator.nn.experts.unfuse_experts` (nothing could quantize them)."""
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim >= 3:
+                raise CompensatorError(fused_left("", name, module, pname, p))
+
+
+def check_experts_recipe(recipe: Any, experts: list[str]) -> None:
+    """Refuse recipes a mixture-of-experts model cannot run yet, before any work.
+
+    Steps that compare the FP and the quantized input of a Linear token by token (GPTAQ's
+    cross terms, learned block losses) have no such pairs for an expert: the two streams
+    route different tokens to it."""
+    fp = [s.name for s in recipe.steps if s.needs_fp_stream()]
+    if fp:
+        raise CompensatorError(
+            f"recipe {recipe.name!r} ({', '.join(fp)}) compares FP and quantized inputs token "
+            f"by token, which routed experts ({experts[0]} and {len(experts) - 1} more) do not "
+            "have: the streams route different tokens; use gptq, gptq-l2qer, rtn or hqq"
         )

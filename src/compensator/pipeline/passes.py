@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from compensator.nn.experts import routed_linears
 from compensator.nn.rotated import rotate_input
 from compensator.pipeline.stats import STATISTICS, StatsAccumulator
-from compensator.pipeline.streams import Stream, capture_linear_inputs, run_block
+from compensator.pipeline.streams import BatchReuse, Stream, capture_linear_inputs, run_block
 from compensator.quant.act import ActSpec
 from compensator.steps.base import StepConfig
 from compensator.types import LinearStats
 
 Seconds = dict[str, float]
+log = logging.getLogger(__name__)
 
 
 def fp_pass(
@@ -62,11 +66,14 @@ def collect_stats(
     seconds: Seconds,
     act: ActSpec | None = None,
     bases: dict[str, torch.Tensor | None] | None = None,
+    reuse: BatchReuse | None = None,
+    routed: Collection[str] = (),
 ) -> dict[str, LinearStats]:
     """Statistics of each named Linear's input over all calibration batches.
 
     Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
-    so X^T X is computed once per distinct input (and split basis, when given).
+    so X^T X is computed once per distinct input (and split basis, when given). A ``routed``
+    Linear (an expert) has statistics over the tokens routed to it, and none if no token was.
     """
 
     def basis(name: str) -> torch.Tensor | None:
@@ -74,20 +81,20 @@ def collect_stats(
 
     acc: dict[str, StatsAccumulator] = {}
     for b, (hidden, kwargs) in enumerate(zip(stream.hidden, stream.kwargs, strict=True)):
-        xs = capture_linear_inputs(block, names, hidden, kwargs, device)
-        if b == 0:
-            first_owner: dict[tuple[int, int], str] = {}
-            for n in names:
-                owner = first_owner.setdefault((id(xs[n]), id(basis(n))), n)
-                if owner == n:
-                    acc[n] = StatsAccumulator(
-                        stat_names, xs[n].shape[-1], xs[n].device, act, basis(n)
-                    )
-                else:
-                    acc[n] = acc[owner]
+        xs = capture_linear_inputs(block, names, hidden, kwargs, device, reuse, b, routed)
+        # An expert's accumulator starts with the first batch routing a token to it.
+        first_owner: dict[tuple[int, int], str] = {}
+        for n in names:
+            if n in acc or n not in xs:
+                continue
+            owner = first_owner.setdefault((id(xs[n]), id(basis(n))), n)
+            if owner == n:
+                acc[n] = StatsAccumulator(stat_names, xs[n].shape[-1], xs[n].device, act, basis(n))
+            else:
+                acc[n] = acc[owner]
         done: set[int] = set()
         for n in names:
-            if id(acc[n]) in done:
+            if n not in xs or id(acc[n]) in done:
                 continue
             done.add(id(acc[n]))
             x_fp = fp_inputs[b][n].to(device) if fp_inputs is not None else None
@@ -101,6 +108,9 @@ def collect_stats(
     return {n: finals[id(a)] for n, a in acc.items()}
 
 
+StarvedExperts = Literal["all-tokens", "rtn"]
+
+
 def group_stats(
     block: nn.Module,
     group: list[tuple[str, nn.Linear]],
@@ -111,18 +121,74 @@ def group_stats(
     device: torch.device,
     seconds: Seconds,
     act: ActSpec | None = None,
+    reuse: BatchReuse | None = None,
+    starved: StarvedExperts = "all-tokens",
+    where: str = "",
 ) -> dict[str, LinearStats]:
-    """The statistics ``stat_names`` of a group of Linears. With a ``splitter`` (a step whose
-    layers split their input), a first pass gives the Hessians its bases come from, and
-    everything that does not read the split input; a second pass the rest."""
+    """The statistics ``stat_names`` of a group of Linears. Experts that calibration routes
+    fewer tokens to than they have inputs are calibrated on every token (``starved ==
+    "all-tokens"``) or left without statistics, to be rounded without data (``"rtn"``)."""
+    stats = _group_stats(
+        block, group, stream, fp_inputs, stat_names, splitter, device, seconds, act, reuse
+    )
+    experts = routed_linears(block, [n for n, _ in group])
+    few = [
+        n
+        for n, linear in group
+        if n in experts and (n not in stats or stats[n].tokens < linear.in_features)
+    ]
+    if not few:
+        return stats
+    counts = ", ".join(f"{where}{n} ({stats[n].tokens if n in stats else 0})" for n in few)
+    if starved == "rtn":
+        log.warning("experts with too few calibration tokens, rounded without data: %s", counts)
+        return {n: st for n, st in stats.items() if n not in few}
+    log.warning("experts with too few calibration tokens, calibrated on all tokens: %s", counts)
+    modules = {id(m): m for m, _ in experts.values()}
+    for m in modules.values():
+        m.calibrate_all = frozenset(e for n in few if experts[n][0] is m for e in [experts[n][1]])
+    try:
+        again = _group_stats(
+            block, [(n, lin) for n, lin in group if n in few], stream, fp_inputs, stat_names,
+            splitter, device, seconds, act, reuse,
+        )  # fmt: skip
+    finally:
+        for m in modules.values():
+            m.calibrate_all = frozenset()
+    return {**stats, **again}
+
+
+def _group_stats(
+    block: nn.Module,
+    group: list[tuple[str, nn.Linear]],
+    stream: Stream,
+    fp_inputs: list[dict[str, torch.Tensor]] | None,
+    stat_names: set[str],
+    splitter: StepConfig | None,
+    device: torch.device,
+    seconds: Seconds,
+    act: ActSpec | None,
+    reuse: BatchReuse | None,
+) -> dict[str, LinearStats]:
+    """With a ``splitter`` (a step whose layers split their input), a first pass gives the
+    Hessians its bases come from, and everything that does not read the split input; a
+    second pass the rest."""
     names = [n for n, _ in group]
+    routed = set(routed_linears(block, names))
     if splitter is None:
-        return collect_stats(block, names, stream, fp_inputs, stat_names, device, seconds, act)
+        return collect_stats(
+            block, names, stream, fp_inputs, stat_names, device, seconds, act, reuse=reuse,
+            routed=routed,
+        )  # fmt: skip
     plain = {n for n in stat_names if not STATISTICS[n].uses_basis} | {"hessian"}
-    first = collect_stats(block, names, stream, fp_inputs, plain, device, seconds)
+    first = collect_stats(
+        block, names, stream, fp_inputs, plain, device, seconds, reuse=reuse, routed=routed
+    )
     memo: dict[tuple[int, tuple[int, int]], torch.Tensor | None] = {}
     bases: dict[str, torch.Tensor | None] = {}
     for name, linear in group:
+        if name not in first:
+            continue
         key = (id(first[name]), (linear.out_features, linear.in_features))
         if key not in memo:
             hessian = first[name].hessian
@@ -130,10 +196,12 @@ def group_stats(
             memo[key] = splitter.input_basis(key[1], hessian)
         bases[name] = memo[key]
     rest = stat_names - plain
-    second = collect_stats(block, names, stream, fp_inputs, rest, device, seconds, act, bases)
+    second = collect_stats(
+        block, names, stream, fp_inputs, rest, device, seconds, act, bases, reuse, routed
+    )
     return {
         n: LinearStats(
             {**first[n].values, **second[n].values}, max(first[n].tokens, second[n].tokens)
         )
-        for n in names
+        for n in first
     }

@@ -27,8 +27,10 @@ from compensator.models.adapter import ModelAdapter
 from compensator.models.checks import check_finite_stats, check_finite_stream
 from compensator.nn.layers import keep_dense
 from compensator.pipeline.context import block_context
-from compensator.pipeline.passes import fp_pass, group_stats
+from compensator.pipeline.coverage import check_block_quantized
+from compensator.pipeline.passes import StarvedExperts, fp_pass, group_stats
 from compensator.pipeline.resume import RunState
+from compensator.pipeline.reuse import PassReuse
 from compensator.pipeline.solve import solve_group
 from compensator.pipeline.streams import Stream, capture_block_inputs, run_block
 from compensator.recipes.recipe import Recipe
@@ -91,9 +93,18 @@ class _Plan:
     fp_low: bool
     needs_data: bool
     batch_size: int
+    starved_experts: StarvedExperts = "all-tokens"
+    reuse_passes: bool = True
 
     @classmethod
-    def of(cls, recipe: Recipe, batch_size: int, device: torch.device) -> _Plan:
+    def of(
+        cls,
+        recipe: Recipe,
+        batch_size: int,
+        device: torch.device,
+        starved_experts: StarvedExperts = "all-tokens",
+        reuse_passes: bool = True,
+    ) -> _Plan:
         fp_steps = [s for s in recipe.steps if s.needs_fp_stream()]
         fp_low = bool(fp_steps) and all(s.fp_stream_low_precision() for s in fp_steps)
         if fp_low and not _fast_bfloat16(device):
@@ -104,8 +115,9 @@ class _Plan:
             )
         asked = [b for s in recipe.steps if (b := s.calibration_batch_size()) is not None]
         return cls(
-            recipe.stats(), bool(fp_steps), fp_low, recipe.needs_data(), (asked or [batch_size])[0]
-        )
+            recipe.stats(), bool(fp_steps), fp_low, recipe.needs_data(),
+            (asked or [batch_size])[0], starved_experts, reuse_passes,
+        )  # fmt: skip
 
 
 def run_pipeline(
@@ -118,11 +130,16 @@ def run_pipeline(
     batch_size: int = 8,
     progress: bool = True,
     state: RunState | None = None,
+    reuse_passes: bool = True,
+    starved_experts: StarvedExperts = "all-tokens",
 ) -> PipelineReport:
     """Quantize ``model`` in place: its block Linears become quantized layers.
 
     With a ``state`` (already begun), the blocks it holds as finished are restored instead of
-    quantized again, and every block quantized here is written to it when done."""
+    quantized again, and every block quantized here is written to it when done.
+    ``reuse_passes=False`` recomputes every calibration pass in full (same results, slower;
+    for checking :mod:`compensator.pipeline.reuse`). ``starved_experts`` is what becomes of
+    an expert that calibration routes too few tokens to (:func:`group_stats`)."""
     report = PipelineReport()
     t_start = time.perf_counter()
     for step in recipe.transforms:
@@ -130,7 +147,7 @@ def run_pipeline(
         step.transform_model(model, adapter)
         log.info("applied the %s transform in %.1fs", step.name, time.perf_counter() - t0)
     blocks = adapter.blocks(model)
-    plan = _Plan.of(recipe, batch_size, device)
+    plan = _Plan.of(recipe, batch_size, device, starved_experts, reuse_passes)
     storage = torch.device("cpu")
     q_stream: Stream | None = None
     block_kwargs: list[list[dict[str, Any]]] = []
@@ -273,6 +290,11 @@ def _quantize_block(
         for key, value in ctx.report.items():
             report.per_block.setdefault(key, []).append(value)
     splitter = next((s for s in recipe.steps if s.splits_input()), None)
+    reuse = (
+        PassReuse(block, [n for g in groups for n, _ in g], adapter.arch.tails, storage)
+        if plan.reuse_passes
+        else None
+    )
     for group in groups:
         stats = None
         if plan.needs_data:
@@ -280,19 +302,23 @@ def _quantize_block(
             with _Timer(report, "forward"):
                 stats = group_stats(
                     block, group, streams.q, fp_inputs, plan.stat_names, splitter, device,
-                    report.seconds, recipe.scheme.activations,
+                    report.seconds, recipe.scheme.activations, reuse, plan.starved_experts,
+                    f"{adapter.block_prefix(i)}.",
                 )  # fmt: skip
             check_finite_stats({n: st.values for n, st in stats.items()}, adapter.block_prefix(i))
         with _Timer(report, "solve"):
             solve_group(block, group, stats, recipe, fixed)
             keep_dense(block, True)  # later groups and the next block's input reuse them
+        if reuse is not None:
+            reuse.mark_solved(n for n, _ in group)
         report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]
     if streams.q is not None:
         with _Timer(report, "forward"):
-            streams.q = streams.q.replaced(run_block(block, streams.q, device, storage))
+            streams.q = streams.q.replaced(run_block(block, streams.q, device, storage, reuse))
         check_finite_stream(streams.q.hidden, f"after block {i}")
     streams.fp_next = fp_out
     keep_dense(block, False)
+    check_block_quantized(block, adapter.block_prefix(i))
     blocks[i] = block.to(storage)
     report.blocks += 1
     return progress, block_report

@@ -11,6 +11,7 @@ from compensator.nn.layers import build_layer, replace_module
 from compensator.nn.registry import LayerExtras
 from compensator.nn.rotated import input_rotation
 from compensator.recipes.recipe import Recipe
+from compensator.steps.rtn import RTNStep
 from compensator.types import LinearStats, LowRank
 
 
@@ -41,6 +42,16 @@ def solve_group(
     def stats_of(name: str) -> LinearStats | None:
         return None if stats is None else stats[name]
 
+    # Experts that calibration did not reach (and the run asked not to feed all tokens):
+    # rounded to nearest, without data or corrections.
+    blind = [(n, lin) for n, lin in group if stats is not None and n not in stats]
+    if blind:
+        nearest = RTNStep()
+        for name, linear in blind:
+            results[name] = nearest.round(linear.weight.data, None, spec)
+            lowranks[name] = None
+        group = [(n, lin) for n, lin in group if stats is None or n in stats]
+
     if self_rounding is not None:
         for name, linear in group:
             results[name], lowranks[name] = self_rounding.solve(
@@ -61,7 +72,7 @@ def solve_group(
                 lowranks[name] = step.correct(
                     linear.weight.data, results[name].dequantize(), stats_of(name)
                 )
-    for name, linear in group:
+    for name, linear in [*group, *blind]:
         extras = LayerExtras(
             bias=None if linear.bias is None else linear.bias.data,
             lowrank=lowranks[name],

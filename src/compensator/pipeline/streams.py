@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -107,14 +107,29 @@ def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
+class BatchReuse(Protocol):
+    """What a pass may skip recomputing for one batch (see :mod:`compensator.pipeline.reuse`)."""
+
+    def batch(self, b: int, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
+
+
+def _batch(reuse: BatchReuse | None, b: int, device: torch.device) -> Any:
+    return contextlib.nullcontext() if reuse is None else reuse.batch(b, device)
+
+
 @torch.no_grad()
 def run_block(
-    block: nn.Module, stream: Stream, device: torch.device, storage: torch.device
+    block: nn.Module,
+    stream: Stream,
+    device: torch.device,
+    storage: torch.device,
+    reuse: BatchReuse | None = None,
 ) -> list[torch.Tensor]:
-    return [
-        block_output(block(h.to(device), **to_device(kw, device))).to(storage)
-        for h, kw in zip(stream.hidden, stream.kwargs, strict=True)
-    ]
+    out = []
+    for b, (h, kw) in enumerate(zip(stream.hidden, stream.kwargs, strict=True)):
+        with _batch(reuse, b, device):
+            out.append(block_output(block(h.to(device), **to_device(kw, device))).to(storage))
+    return out
 
 
 @torch.no_grad()
@@ -124,9 +139,13 @@ def capture_linear_inputs(
     hidden: torch.Tensor,
     kwargs: dict[str, Any],
     device: torch.device,
+    reuse: BatchReuse | None = None,
+    b: int = 0,
+    routed: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Inputs of the named Linears for one batch (after a Linear's online rotation, what its
-    weight multiplies); the forward stops once all were seen."""
+    weight multiplies); the forward stops once all were seen. ``routed`` Linears (experts)
+    may receive no token in a batch and are then absent."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Callable[..., None]:
@@ -137,15 +156,16 @@ def capture_linear_inputs(
 
         return hook
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        block(hidden.to(device), **to_device(kwargs, device))
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = set(names) - seen.keys()
+    with _batch(reuse, b, device):
+        handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+        try:
+            block(hidden.to(device), **to_device(kwargs, device))
+        except StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+    missing = set(names) - seen.keys() - set(routed)
     if missing:
         raise RuntimeError(f"Linear layers {sorted(missing)} were not called by the block forward")
     return seen
