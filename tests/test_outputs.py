@@ -4,6 +4,7 @@ refused before any number is computed, and so is a base model that is not the re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -60,7 +61,12 @@ def interrupt_save(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
+    def boom_streamed(path: Path, tensors: Any, metadata: Any) -> None:
+        boom(tensors, str(path))
+
+    # From memory, or assembled from the run state's block files (a model read lazily).
     monkeypatch.setattr(compensator.io.native, "save_file", boom)
+    monkeypatch.setattr(compensator.io.native, "write_streamed", boom_streamed)
     return calls
 
 
@@ -231,7 +237,11 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 "Error while serializing: I/O error: No space left on device (os error 28)"
             )
 
+        def full_streamed(*args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(compensator.io.native, "save_file", full)
+        monkeypatch.setattr(compensator.io.native, "write_streamed", full_streamed)
     yield where
     if mounted.returncode == 0:
         subprocess.run(["umount", str(where)], check=True)

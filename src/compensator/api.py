@@ -21,6 +21,7 @@ from compensator.io.formats import ExportSource, get_format
 from compensator.io.formats import export as export_source
 from compensator.io.native import (
     FORMAT_VERSION,
+    BlockFiles,
     is_checkpoint,
     load_checkpoint,
     read_quantization_config,
@@ -28,6 +29,7 @@ from compensator.io.native import (
 )
 from compensator.models.adapter import get_adapter
 from compensator.models.checks import (
+    check_calibration_size,
     check_finite_weights,
     check_group_size,
     check_scheme_fits,
@@ -39,6 +41,7 @@ from compensator.models.fingerprint import (
     source_fingerprint,
     tensors_fingerprint,
 )
+from compensator.models.lazy import has_meta_tensors, wants_lazy
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
 from compensator.pipeline.coverage import split_experts
@@ -60,6 +63,7 @@ class QuantizedModel:
     report: dict[str, Any] = field(default_factory=dict)
     # The run state its blocks were written to; removed once the model is saved.
     state: RunState | None = field(default=None, repr=False)
+    blocks: str = ""  # where its decoder blocks are (model.layers)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -79,12 +83,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _as_loaded(
-    model: str | nn.Module | LoadedModel, tokenizer: Any, trust_remote_code: bool = False
+    model: str | nn.Module | LoadedModel,
+    tokenizer: Any,
+    trust_remote_code: bool = False,
+    lazy: bool = False,
 ) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str | Path):
-        return load_model(str(model), trust_remote_code=trust_remote_code)
+        return load_model(str(model), trust_remote_code=trust_remote_code, lazy=lazy)
     if tokenizer is None:
         raise CompensatorError(
             "quantize(model_object) needs tokenizer=...; or pass a model name/path"
@@ -116,6 +123,7 @@ def quantize(
     restart: bool = False,
     trust_remote_code: bool = False,
     starved_experts: StarvedExperts = "all-tokens",
+    lazy: bool | None = None,
 ) -> QuantizedModel:
     """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
 
@@ -133,37 +141,34 @@ def quantize(
     ``restart``, start over. :func:`save` removes the directory once the model is saved.
     ``trust_remote_code`` lets a hub or local model run its own Python code (off unless asked).
 
-    Fused MoE experts become per-expert Linears (:mod:`compensator.nn.experts`), each fed
-    its routed tokens; one routed fewer tokens than its input width is calibrated on every
-    token (``starved_experts="all-tokens"``) or rounded to nearest (``"rtn"``), with a warning.
+    ``starved_experts``: what becomes of an MoE expert routed too few tokens ("all-tokens" or
+    "rtn"). ``lazy`` (default: when there is a ``resume`` state and a local safetensors dir)
+    reads each block only while it is quantized; the result can then only be saved. Both:
+    docs/architecture.md.
     """
-    rec = (
-        load_recipe(recipe)
-        .with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
-        .with_rank(rank)
-        .with_act_bits(act_bits)
-        .with_epochs(epochs)
-    )
-    _check_cheap(rec, calibration, calib_windows, seqlen, group_size)
+    rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
+    rec = rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs)
+    # The cheap arguments are checked before the model is loaded, so bad input fails fast.
+    check_group_size(group_size)
+    if rec.needs_data() and not isinstance(calibration, torch.Tensor):
+        check_calibration_size(calib_windows, seqlen)
     dev = resolve_device(device)
     with ExitStack() as stack:
         state = resume
         if resume is not None and not isinstance(resume, RunState):
             state = stack.enter_context(RunState.open(resume, restart=restart))
-        loaded = _as_loaded(model, tokenizer, trust_remote_code)
         in_memory = not isinstance(model, str | Path)
-        net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
-        check_finite_weights(net)
-        experts = split_experts(net, rec)
+        lazy = wants_lazy(lazy, model, bool(rec.transforms), state is not None)
+        loaded, net, experts = _open(model, tokenizer, rec, trust_remote_code, lazy, inplace)
         adapter = get_adapter(net)
         check_scheme_fits(net, adapter, rank, group_size)
         input_ids, calib_info = _calibration(
             loaded, net, rec, calibration, calib_windows, seqlen, seed
         )
+        starved = starved_experts if experts else None
         run = PipelineRun(
-            rec, dev, batch_size, progress, state, __version__,
-            starved_experts if experts else None,
-        )  # fmt: skip
+            rec, dev, batch_size, progress, state, __version__, starved, loaded.weights
+        )
         base_fp = (None if in_memory else source_fingerprint(loaded.source)) or (
             tensors_fingerprint(net)
         )
@@ -172,19 +177,25 @@ def quantize(
     qconfig["base_model_fingerprint"] = base_fp
     if experts:
         qconfig["experts"] = {"layout": "unfused", "starved": starved_experts}
-    return QuantizedModel(net, loaded.tokenizer, qconfig, report.to_dict(), run.state)
+    return QuantizedModel(
+        net, loaded.tokenizer, qconfig, report.to_dict(), run.state, adapter.arch.blocks
+    )
 
 
-def _check_cheap(
-    rec: Recipe, calibration: Any, calib_windows: int, seqlen: int, group_size: int | None
-) -> None:
-    """The arguments checked before the model is loaded, so that bad input fails fast."""
-    check_group_size(group_size)
-    if rec.needs_data() and not isinstance(calibration, torch.Tensor):
-        if calib_windows < 1:
-            raise CompensatorError(f"--calib-windows {calib_windows} is not valid: use >= 1")
-        if seqlen < 2:
-            raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
+def _open(
+    model: Any, tokenizer: Any, rec: Recipe, trust_remote_code: bool, lazy: bool, inplace: bool
+) -> tuple[LoadedModel, nn.Module, list[str]]:
+    """The loaded model, the network to quantize (a copy of an object unless ``inplace``),
+    and its experts (split into Linears): read lazily when asked and its files allow."""
+    loaded = _as_loaded(model, tokenizer, trust_remote_code, lazy)
+    in_memory = not isinstance(model, str | Path)
+    net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
+    check_finite_weights(net)
+    experts = split_experts(net, rec)
+    if loaded.weights is not None and (why := loaded.weights.mismatch(net)):
+        log.info("%s: cannot read it block by block (%s); loading it whole", model, why)
+        return _open(model, tokenizer, rec, trust_remote_code, False, inplace)
+    return loaded, net, experts
 
 
 def _calibration(
@@ -260,10 +271,18 @@ def save(
 ) -> Path:
     """Write ``qmodel`` to ``out`` as a native checkpoint, or in another registered format
     (``compressed-tensors``, ``gguf``; see compensator.io) with that format's ``options``."""
+    on_disk = has_meta_tensors(qmodel.model)
+    if on_disk and (qmodel.state is None or format != "native" or options):
+        raise CompensatorError(
+            "this model was quantized block by block and its blocks are in its run state: "
+            "save it once in the native format, then export the saved checkpoint"
+        )
     if format == "native" and not options:
         path = save_checkpoint(
-            qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer, force=force
-        )
+            qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer,
+            force=force,
+            blocks=BlockFiles(qmodel.blocks, qmodel.state.block_file) if on_disk else None,
+        )  # fmt: skip
     else:
         source = ExportSource(qmodel.model, qmodel.quantization_config, qmodel.tokenizer)
         path = export_source(source, out, get_format(format, **options), force=force)
@@ -328,6 +347,11 @@ def evaluate(
     if seqlen < 2:
         raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
     qc: dict[str, Any] | None = None
+    if isinstance(target, QuantizedModel) and has_meta_tensors(target.model):
+        raise CompensatorError(
+            "this model was quantized block by block and lives in its run state: save it "
+            "(compensator.save) and evaluate the saved checkpoint"
+        )
     if isinstance(target, QuantizedModel):
         model, tokenizer, qc = (
             target.model,

@@ -17,12 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import transformers
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -31,6 +35,7 @@ from transformers.initialization import no_init_weights
 from compensator.errors import CompensatorError
 from compensator.io.atomic import atomic_dir, dir_size
 from compensator.io.formats import ExportSource, Format, register_format
+from compensator.io.streamed import TensorRef, in_memory, write_streamed
 from compensator.models.fingerprint import file_sha256
 from compensator.nn.experts import unfuse_experts
 from compensator.nn.layers import layer_from_record, replace_module
@@ -63,11 +68,15 @@ def save_checkpoint(
     *,
     tokenizer: Any = None,
     force: bool = False,
+    blocks: BlockFiles | None = None,
 ) -> Path:
+    """Write a native checkpoint. With ``blocks`` (where each block's tensors are; the
+    model's blocks are then on the meta device) it is assembled from those files one tensor
+    at a time, byte-identical to a save from memory."""
     t0 = time.perf_counter()
     base = quantization_config.get("base_model")
     with atomic_dir(out, force=force, protect=(base,) if base else ()) as tmp:
-        write_checkpoint(model, quantization_config, tmp, tokenizer=tokenizer)
+        write_checkpoint(model, quantization_config, tmp, tokenizer=tokenizer, blocks=blocks)
     out = Path(out).resolve()
     log.info(
         "saved checkpoint to %s (%.1f MB) in %.1fs",
@@ -79,7 +88,12 @@ def save_checkpoint(
 
 
 def write_checkpoint(
-    model: nn.Module, quantization_config: dict[str, Any], tmp: Path, *, tokenizer: Any = None
+    model: nn.Module,
+    quantization_config: dict[str, Any],
+    tmp: Path,
+    *,
+    tokenizer: Any = None,
+    blocks: BlockFiles | None = None,
 ) -> None:
     """Write the checkpoint's files into the (temporary) directory ``tmp``."""
     config = model.config.to_dict()
@@ -88,19 +102,50 @@ def write_checkpoint(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    save_file(
-        unique_state_dict(model),
-        str(tmp / WEIGHTS_FILE),
-        # One key: safetensors writes metadata in hash-map order, so with two the same model
-        # would give different bytes from run to run (and different manifest hashes).
-        metadata={"format": "pt"},
-    )
+    # One key: safetensors writes metadata in hash-map order, so with two the same model
+    # would give different bytes from run to run (and different manifest hashes).
+    metadata = {"format": "pt"}
+    if blocks is None:
+        save_file(unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata=metadata)
+    else:
+        write_streamed(tmp / WEIGHTS_FILE, _refs_from_blocks(model, blocks), metadata)
     recipe = quantization_config.get("recipe")
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(tmp))
     write_manifest(tmp)
+
+
+@dataclass(frozen=True)
+class BlockFiles:
+    """Where a quantized model's blocks are: ``path(i)`` holds the tensors of the block at
+    ``<blocks>.<i>`` (its state dict)."""
+
+    blocks: str
+    path: Callable[[int], Path]
+
+
+def _refs_from_blocks(model: nn.Module, files: BlockFiles) -> dict[str, TensorRef]:
+    """The state dict, tensors of the blocks (on the meta device) read from their files."""
+    prefix = files.blocks + "."
+    refs: dict[str, TensorRef] = {}
+    for name, t in unique_state_dict(model).items():
+        if not t.is_meta:
+            refs[name] = in_memory(t)
+            continue
+        index, _, local = name.removeprefix(prefix).partition(".")
+        if not name.startswith(prefix) or not index.isdigit():
+            raise CompensatorError(f"{name} was never read in; the quantized model is incomplete")
+        refs[name] = TensorRef(
+            t.dtype, tuple(t.shape), partial(_read, files.path(int(index)), local)
+        )
+    return refs
+
+
+def _read(path: Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,7 +159,8 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in first + [k for k in state if k not in first]:
         t = state[name]
         key = (t.data_ptr(), tuple(t.shape))
-        if t.numel() and key in seen:
+        # Meta tensors (blocks written to files) all have data_ptr 0 and are never tied.
+        if t.numel() and not t.is_meta and key in seen:
             continue
         seen.add(key)
         out[name] = t.detach().contiguous()

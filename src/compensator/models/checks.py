@@ -15,10 +15,12 @@ from compensator.models.adapter import ModelAdapter
 log = logging.getLogger(__name__)
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with NaN or Inf in any parameter, naming the first such tensor."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    """Refuse a model with NaN or Inf in any parameter, naming the first such tensor (those
+    not read yet, on the meta device, are checked when they are)."""
+    for local, p in model.named_parameters():
+        name = prefix + local
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
             bad = int((~torch.isfinite(p)).sum())
             raise CompensatorError(
                 f"{name} holds {bad} NaN/Inf values: the model is damaged (or was saved in a "
@@ -139,3 +141,10 @@ def check_experts_recipe(recipe: Any, experts: list[str]) -> None:
             f"by token, which routed experts ({experts[0]} and {len(experts) - 1} more) do not "
             "have: the streams route different tokens; use gptq, gptq-l2qer, rtn or hqq"
         )
+
+
+def check_calibration_size(windows: int, seqlen: int) -> None:
+    if windows < 1:
+        raise CompensatorError(f"--calib-windows {windows} is not valid: use >= 1")
+    if seqlen < 2:
+        raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")

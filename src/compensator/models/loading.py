@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -28,6 +29,7 @@ from transformers import (
 )
 
 from compensator.errors import CompensatorError
+from compensator.models.lazy import LazyWeights
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+    # Set when opened lazily: the model's tensors are on the meta device until read from here.
+    weights: LazyWeights | None = None
 
 
 def _smollm2_135m() -> Path:
@@ -87,9 +91,17 @@ def gguf_source(name_or_path: str) -> Path | None:
 
 
 def load_model(
-    name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM: built-in name, ``.gguf`` file, local directory, or hub id, in that order."""
+    """Load a causal LM: built-in name, ``.gguf`` file, local directory, or hub id, in that order.
+
+    ``lazy`` opens a local safetensors directory without reading its weights (the model is
+    on the meta device, :class:`compensator.models.lazy.LazyWeights` reads them per module);
+    other sources load whole as usual."""
     start = time.perf_counter()
     path = Path(name_or_path).expanduser()
     if name_or_path in _BUILTINS:
@@ -102,7 +114,7 @@ def load_model(
             )
         loaded = _load_gguf(path.resolve(), dtype, source=str(path.resolve()))
     elif path.is_dir():
-        loaded = _load_dir(path.resolve(), dtype, trust_remote_code)
+        loaded = _load_dir(path.resolve(), dtype, trust_remote_code, lazy)
     elif _HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path:
         loaded = _load_hub(name_or_path, dtype, trust_remote_code)
     else:
@@ -139,7 +151,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
-def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+def _load_dir(
+    path: Path, dtype: torch.dtype, trust_remote_code: bool, lazy: bool = False
+) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CompensatorError(
@@ -163,17 +177,43 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Loaded
             "pytorch_model.bin are not); convert with "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
         )
+    if lazy:
+        tokenizer = _load_tokenizer(path, where=str(path), trust_remote_code=trust_remote_code)
+        return _open_lazily(path, dtype, trust_remote_code, tokenizer)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )  # fmt: skip
     except (OSError, ValueError, SafetensorError) as err:
         raise CompensatorError(
             f"cannot load model from '{path}': {_summary(err)}; a truncated or damaged "
             "*.safetensors file gives this too: copy or download it again"
         ) from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers fills them with random values and only warns
+        raise CompensatorError(
+            f"'{path}' lacks {len(missing)} of the model's tensors ({missing[0]} first): the "
+            "files are incomplete or from another architecture"
+        )
     tokenizer = _load_tokenizer(path, where=str(path), trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
+
+
+def _open_lazily(
+    path: Path, dtype: torch.dtype, trust_remote_code: bool, tokenizer: PreTrainedTokenizerBase
+) -> LoadedModel:
+    from accelerate import init_empty_weights
+
+    weights = LazyWeights(path, dtype)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Buffers (rotary frequencies) are computed on CPU as usual; only parameters are empty.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    model.tie_weights()  # lm_head is the embedding when the config ties them (not in the files)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), weights=weights)
 
 
 def _refuse_encoder(config: Any, path: Path) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -27,7 +27,11 @@ def block_context(
     next_kwargs: list[dict[str, Any]] | None,
     device: torch.device,
     storage: torch.device,
+    open_block: Callable[[int], AbstractContextManager[None]] = lambda i: nullcontext(),
 ) -> BlockContext:
+    """``open_block(j)`` holds block ``j``'s weights in memory while it is entered (they may
+    be read lazily, :mod:`compensator.models.lazy`)."""
+
     def forward(
         module: nn.Module,
         hidden: torch.Tensor,
@@ -43,12 +47,13 @@ def block_context(
         if index + 1 >= len(blocks) or next_kwargs is None:
             yield None
             return
-        nxt = blocks[index + 1].to(device)
-        try:
-            targets = run_block(nxt, Stream(fp_out, next_kwargs), device, storage)
-            yield NextBlock(nxt, next_kwargs, targets)
-        finally:
-            blocks[index + 1] = nxt.to(storage)
+        with open_block(index + 1):
+            nxt = blocks[index + 1].to(device)
+            try:
+                targets = run_block(nxt, Stream(fp_out, next_kwargs), device, storage)
+                yield NextBlock(nxt, next_kwargs, targets)
+            finally:
+                blocks[index + 1] = nxt.to(storage)
 
     return BlockContext(
         index=index,

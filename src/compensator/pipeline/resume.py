@@ -140,7 +140,8 @@ class RunState:
 
     # -- blocks --------------------------------------------------------------------------
 
-    def _tensors(self, index: int) -> Path:
+    def block_file(self, index: int) -> Path:
+        """Where block ``index``'s tensors are (once it is finished)."""
         return self.directory / f"block-{index:05d}.safetensors"
 
     def _meta(self, index: int) -> Path:
@@ -160,7 +161,7 @@ class RunState:
     def _save_block(
         self, index: int, block: nn.Module, report: dict[str, Any], names: list[str]
     ) -> None:
-        tensors = self._tensors(index)
+        tensors = self.block_file(index)
         tmp = tensors.with_name(f".{tensors.name}.tmp")
         state = {k: v.detach().contiguous() for k, v in block.state_dict().items()}
         save_file(state, str(tmp))
@@ -178,7 +179,7 @@ class RunState:
     def load_block(self, index: int, block: nn.Module) -> RestoredBlock:
         """Turn the FP ``block`` into the saved quantized one, in place."""
         meta = _read_json(self._meta(index))
-        tensors = self._tensors(index)
+        tensors = self.block_file(index)
         if meta is None or not tensors.is_file() or file_sha256(tensors) != meta.get("sha256"):
             raise CompensatorError(
                 f"the saved block {index} in {self.directory} is damaged; run again with "

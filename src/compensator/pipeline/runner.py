@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,11 +26,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compensator.models.adapter import ModelAdapter
-from compensator.models.checks import check_finite_stats, check_finite_stream
+from compensator.models.checks import (
+    check_finite_stats,
+    check_finite_stream,
+    check_finite_weights,
+)
+from compensator.models.lazy import LazyWeights, materialized
 from compensator.nn.layers import keep_dense
 from compensator.pipeline.context import block_context
 from compensator.pipeline.coverage import check_block_quantized
 from compensator.pipeline.passes import StarvedExperts, fp_pass, group_stats
+from compensator.pipeline.report import PipelineReport, Timer, log_report
 from compensator.pipeline.resume import RunState
 from compensator.pipeline.reuse import PassReuse
 from compensator.pipeline.solve import solve_group
@@ -36,43 +44,6 @@ from compensator.pipeline.streams import Stream, capture_block_inputs, run_block
 from compensator.recipes.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PipelineReport:
-    """Where the time went: ``forward`` is calibration forward passes (``statistics``, the
-    accumulation of X^T X and friends, is counted apart), ``solve`` the rounding maths,
-    ``hooks`` the per-block steps (training); ``per_block`` what the hooks reported."""
-
-    seconds: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("capture", "resume", "forward", "statistics", "solve", "train", "total"), 0.0
-        )
-    )
-    blocks: int = 0
-    per_block: dict[str, list[Any]] = field(default_factory=dict)
-    quantized_layers: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        seconds = dict(self.seconds)
-        seconds["forward"] -= seconds["statistics"]  # timed nested inside the passes
-        out: dict[str, Any] = {
-            "seconds": seconds,
-            "blocks": self.blocks,
-            "layers": len(self.quantized_layers),
-        }
-        return {**out, **self.per_block}
-
-
-class _Timer:
-    def __init__(self, report: PipelineReport, key: str) -> None:
-        self.report, self.key = report, key
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.report.seconds[self.key] += time.perf_counter() - self.t0
 
 
 def _fast_bfloat16(device: torch.device) -> bool:
@@ -132,6 +103,7 @@ def run_pipeline(
     state: RunState | None = None,
     reuse_passes: bool = True,
     starved_experts: StarvedExperts = "all-tokens",
+    weights: LazyWeights | None = None,
 ) -> PipelineReport:
     """Quantize ``model`` in place: its block Linears become quantized layers.
 
@@ -139,42 +111,30 @@ def run_pipeline(
     quantized again, and every block quantized here is written to it when done.
     ``reuse_passes=False`` recomputes every calibration pass in full (same results, slower;
     for checking :mod:`compensator.pipeline.reuse`). ``starved_experts`` is what becomes of
-    an expert that calibration routes too few tokens to (:func:`group_stats`)."""
+    an expert that calibration routes too few tokens to (:func:`group_stats`). With
+    ``weights`` (a lazily opened model, whose blocks are on the meta device) each block is read
+    in only while it is quantized and goes back to the meta device once written to
+    ``state``, which is then required."""
     report = PipelineReport()
     t_start = time.perf_counter()
-    for step in recipe.transforms:
-        t0 = time.perf_counter()
-        step.transform_model(model, adapter)
-        log.info("applied the %s transform in %.1fs", step.name, time.perf_counter() - t0)
     blocks = adapter.blocks(model)
+    _prepare(model, adapter, recipe, weights, state)
     plan = _Plan.of(recipe, batch_size, device, starved_experts, reuse_passes)
     storage = torch.device("cpu")
-    q_stream: Stream | None = None
-    block_kwargs: list[list[dict[str, Any]]] = []
-    if plan.needs_data:
-        if input_ids is None:
-            raise ValueError("this recipe needs calibration data")
-        with _Timer(report, "capture"):
-            hidden, block_kwargs = capture_block_inputs(
-                model, blocks, input_ids, batch_size=plan.batch_size, device=device, storage=storage
-            )
-        check_finite_stream(hidden, "entering block 0")
-        q_stream = Stream(hidden, block_kwargs[0])
-        log.info(
-            "captured block-0 inputs: %d windows x %d tokens in %.1fs",
-            input_ids.shape[0],
-            input_ids.shape[1],
-            report.seconds["capture"],
-        )
+    q_stream, block_kwargs = _capture(model, blocks, input_ids, plan, device, storage, report)
     # Measured: feeding D from half of the batches cost 7.8 ppl at W3 (GPTQ-exact 59.5 ->
     # 67.3), so the FP stream always carries every batch.
     fp_hidden = q_stream.hidden if plan.keep_fp and q_stream is not None else None
+
+    def opener(j: int) -> AbstractContextManager[None]:
+        return materialized(weights, blocks[j], f"{adapter.block_prefix(j)}.")
+
     start = 0 if state is None else state.finished
     if state is not None and start:
-        with _Timer(report, "resume"):
+        with Timer(report, "resume"):
             q_stream, fp_hidden = _restore_finished(
                 state, blocks, adapter, plan, q_stream, fp_hidden, block_kwargs, device,
-                storage, report,
+                storage, report, opener,
             )  # fmt: skip
     bar = tqdm(
         range(start, len(blocks)),
@@ -188,18 +148,71 @@ def run_pipeline(
         t_block = time.perf_counter()
         streams = _block_streams(i, q_stream, fp_hidden, block_kwargs)
         before = len(report.quantized_layers)
-        postfix, block_report = _quantize_block(
-            i, blocks, adapter, recipe, plan, streams, device, storage, report
-        )
-        if state is not None:
-            prefix = f"{adapter.block_prefix(i)}."
-            names = [n.removeprefix(prefix) for n in report.quantized_layers[before:]]
-            state.save_block(i, blocks[i], block_report, names)
+        prefix = f"{adapter.block_prefix(i)}."
+        with materialized(weights, blocks[i], prefix):
+            if weights is not None:
+                check_finite_weights(blocks[i], prefix)
+            postfix, block_report = _quantize_block(
+                i, blocks, adapter, recipe, plan, streams, device, storage, report, opener
+            )
+            if state is not None:
+                names = [n.removeprefix(prefix) for n in report.quantized_layers[before:]]
+                state.save_block(i, blocks[i], block_report, names)
         q_stream, fp_hidden = streams.q, streams.fp_next
         bar.set_postfix(block_s=f"{time.perf_counter() - t_block:.1f}", **postfix)
     report.seconds["total"] = time.perf_counter() - t_start
-    _log_report(report)
+    log_report(report)
     return report
+
+
+def _capture(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor | None,
+    plan: _Plan,
+    device: torch.device,
+    storage: torch.device,
+    report: PipelineReport,
+) -> tuple[Stream | None, list[list[dict[str, Any]]]]:
+    """The quantized stream entering block 0, and every block's keyword arguments (none
+    for a recipe that reads no data)."""
+    if not plan.needs_data:
+        return None, []
+    if input_ids is None:
+        raise ValueError("this recipe needs calibration data")
+    with Timer(report, "capture"):
+        hidden, block_kwargs = capture_block_inputs(
+            model, blocks, input_ids, batch_size=plan.batch_size, device=device, storage=storage
+        )
+    check_finite_stream(hidden, "entering block 0")
+    q_stream = Stream(hidden, block_kwargs[0])
+    log.info(
+        "captured block-0 inputs: %d windows x %d tokens in %.1fs",
+        input_ids.shape[0],
+        input_ids.shape[1],
+        report.seconds["capture"],
+    )
+    return q_stream, block_kwargs
+
+
+def _prepare(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    recipe: Recipe,
+    weights: LazyWeights | None,
+    state: RunState | None,
+) -> None:
+    """Read in what lies outside the blocks of a lazily opened model; apply the transforms."""
+    if weights is not None:
+        if state is None or recipe.transforms:
+            raise ValueError("a lazily read model needs a run state and no model transforms")
+        weights.materialize(model, skip=adapter.blocks(model))  # embeddings, norm, head
+        model.tie_weights()
+        check_finite_weights(model)
+    for step in recipe.transforms:
+        t0 = time.perf_counter()
+        step.transform_model(model, adapter)
+        log.info("applied the %s transform in %.1fs", step.name, time.perf_counter() - t0)
 
 
 def _restore_finished(
@@ -213,12 +226,14 @@ def _restore_finished(
     device: torch.device,
     storage: torch.device,
     report: PipelineReport,
+    opener: Callable[[int], AbstractContextManager[None]],
 ) -> tuple[Stream | None, list[torch.Tensor] | None]:
     """Blocks 0..k-1 from ``state``, and the streams entering block k."""
     t0 = time.perf_counter()
     for i in range(state.finished):
         streams = _block_streams(i, q_stream, fp_hidden, block_kwargs)
-        _restore_block(i, blocks, adapter, plan, streams, device, storage, report, state)
+        with opener(i):
+            _restore_block(i, blocks, adapter, plan, streams, device, storage, report, state)
         q_stream, fp_hidden = streams.q, streams.fp_next
     log.info(
         "resuming %s: blocks 0-%d of %d restored in %.1fs, continuing at block %d",
@@ -263,13 +278,14 @@ def _quantize_block(
     device: torch.device,
     storage: torch.device,
     report: PipelineReport,
+    opener: Callable[[int], AbstractContextManager[None]],
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Quantize block ``i``: the progress-bar fields, and what its hooks reported."""
     block = blocks[i].to(device)
     groups = adapter.linear_groups(block)
     fp_inputs = fp_out = None
     if streams.fp is not None:
-        with _Timer(report, "forward"), torch.autocast(device.type, torch.bfloat16, plan.fp_low):
+        with Timer(report, "forward"), torch.autocast(device.type, torch.bfloat16, plan.fp_low):
             names = [n for group in groups for n, _ in group]
             fp_inputs, fp_out = fp_pass(block, names, streams.fp, device, storage)
     fixed: dict[str, Any] = {}
@@ -281,9 +297,9 @@ def _quantize_block(
         assert fp_out is not None and fp_inputs is not None
         ctx = block_context(
             i, blocks, block, adapter.linears(block), adapter.arch.rotation, streams.q,
-            streams.fp, fp_out, fp_inputs, streams.next_kwargs, device, storage,
+            streams.fp, fp_out, fp_inputs, streams.next_kwargs, device, storage, opener,
         )  # fmt: skip
-        with _Timer(report, "train"):
+        with Timer(report, "train"):
             for step in hooks:
                 step.process_block(ctx, recipe.steps, recipe.scheme)
         fixed, progress, block_report = ctx.fixed, ctx.progress, dict(ctx.report)
@@ -299,21 +315,21 @@ def _quantize_block(
         stats = None
         if plan.needs_data:
             assert streams.q is not None
-            with _Timer(report, "forward"):
+            with Timer(report, "forward"):
                 stats = group_stats(
                     block, group, streams.q, fp_inputs, plan.stat_names, splitter, device,
                     report.seconds, recipe.scheme.activations, reuse, plan.starved_experts,
                     f"{adapter.block_prefix(i)}.",
                 )  # fmt: skip
             check_finite_stats({n: st.values for n, st in stats.items()}, adapter.block_prefix(i))
-        with _Timer(report, "solve"):
+        with Timer(report, "solve"):
             solve_group(block, group, stats, recipe, fixed)
             keep_dense(block, True)  # later groups and the next block's input reuse them
         if reuse is not None:
             reuse.mark_solved(n for n, _ in group)
         report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]
     if streams.q is not None:
-        with _Timer(report, "forward"):
+        with Timer(report, "forward"):
             streams.q = streams.q.replaced(run_block(block, streams.q, device, storage, reuse))
         check_finite_stream(streams.q.hidden, f"after block {i}")
     streams.fp_next = fp_out
@@ -353,19 +369,3 @@ def _restore_block(
     report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n in restored.layers]
     for key, value in restored.report.items():
         report.per_block.setdefault(key, []).append(value)
-
-
-def _log_report(report: PipelineReport) -> None:
-    s = report.seconds
-    log.info(
-        "quantized %d layers in %d blocks in %.1fs (capture %.1fs, forward passes %.1fs, "
-        "statistics %.1fs, training %.1fs, rounding maths %.1fs)",
-        len(report.quantized_layers),
-        report.blocks,
-        s["total"],
-        s["capture"],
-        s["forward"] - s["statistics"],
-        s["statistics"],
-        s["train"],
-        s["solve"],
-    )

@@ -11,6 +11,7 @@ from torch import nn
 
 from compensator.errors import RunInterrupted
 from compensator.models.adapter import ModelAdapter
+from compensator.models.lazy import LazyWeights
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState, run_fingerprint
 from compensator.pipeline.runner import PipelineReport, run_pipeline
@@ -30,6 +31,7 @@ class PipelineRun:
     state: RunState | None
     version: str  # compensator's, part of the fingerprint
     starved_experts: StarvedExperts | None = None  # None: the model has no experts
+    weights: LazyWeights | None = None  # a lazily opened model's files
 
     def pipeline(
         self,
@@ -55,7 +57,7 @@ class PipelineRun:
             return run_pipeline(
                 net, adapter, rec, input_ids, device=self.device, batch_size=self.batch_size,
                 progress=self.progress, state=self.state,
-                starved_experts=self.starved_experts or "all-tokens",
+                starved_experts=self.starved_experts or "all-tokens", weights=self.weights,
             )  # fmt: skip
         except KeyboardInterrupt:
             if self.state is None:

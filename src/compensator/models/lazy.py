@@ -1,0 +1,151 @@
+"""A local safetensors model opened without reading its weights.
+
+The model is built on the meta device (accelerate's ``init_empty_weights``; buffers such as
+rotary frequencies are computed as usual), and :class:`LazyWeights` reads the tensors of one
+module at a time from the files, each opened (memory-mapped) only for that read and closed
+after, so that pages of blocks already done do not stay resident. The pipeline materializes
+what lies outside the blocks once, and each block only while it is quantized; the quantized
+block goes to the run state's files and back to the meta device (issue 17).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from compensator.errors import CompensatorError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class LazyWeights:
+    """Which file holds each tensor of a local safetensors model, and reads on demand."""
+
+    def __init__(self, directory: Path, dtype: torch.dtype) -> None:
+        self.directory = directory
+        self.dtype = dtype
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        index = directory / INDEX_FILE
+        if index.is_file():
+            files = sorted(
+                {directory / f for f in json.loads(index.read_text())["weight_map"].values()}
+            )
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                        self.files[name] = path
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            except (OSError, SafetensorError) as err:
+                raise CompensatorError(
+                    f"cannot read '{path}': {' '.join(str(err).split())}; the file is "
+                    "truncated or damaged: copy or download it again"
+                ) from None
+
+    def mismatch(self, model: nn.Module) -> str | None:
+        """Why ``model``'s tensor names or shapes differ from the files' (then it must be
+        loaded whole, through transformers' renaming), or None."""
+        tied = _tied_names(model)
+        for name, t in _meta_tensors(model):
+            if name in tied:
+                continue
+            if name not in self.files:
+                return f"{name} is not in the files"
+            if self.shapes[name] != tuple(t.shape):
+                return f"{name} has shape {self.shapes[name]} in the files, {tuple(t.shape)} in the model"
+        return None
+
+    def materialize(
+        self, module: nn.Module, prefix: str = "", skip: nn.Module | None = None
+    ) -> None:
+        """Read every meta tensor of ``module`` (named ``prefix + name`` in the files) except
+        those inside ``skip``, each file opened once for this call."""
+        skipped = set() if skip is None else {id(t) for t in (*skip.parameters(), *skip.buffers())}
+        wanted: dict[Path, list[tuple[str, nn.Module, str]]] = {}
+        for owner_name, owner in module.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for local, t in getattr(owner, kind).items():
+                    if t is None or not t.is_meta or id(t) in skipped:
+                        continue
+                    full = prefix + ".".join(x for x in (owner_name, local) if x)
+                    if full not in self.files:
+                        continue  # a tied weight, re-tied by the caller
+                    wanted.setdefault(self.files[full], []).append((full, owner, local))
+        for path, items in wanted.items():
+            with safe_open(str(path), framework="pt") as f:
+                for full, owner, local in items:
+                    t = f.get_tensor(full)
+                    if t.is_floating_point():
+                        t = t.to(self.dtype)
+                    if local in owner._parameters:
+                        old = owner._parameters[local]
+                        owner._parameters[local] = nn.Parameter(t, requires_grad=old.requires_grad)
+                    else:
+                        owner._buffers[local] = t
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s tensors (to the meta device); they are on disk."""
+    module.to("meta")
+
+
+@contextmanager
+def materialized(weights: LazyWeights | None, block: nn.Module, prefix: str) -> Iterator[None]:
+    """``block`` with its weights read in, released after (no-op without ``weights``)."""
+    if weights is None:
+        yield
+        return
+    weights.materialize(block, prefix)
+    try:
+        yield
+    finally:
+        release(block)
+
+
+def _meta_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta:
+            yield name, t
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names that are another name's tensor (lm_head tied to the embedding)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            tied.add(name)
+        else:
+            seen[id(t)] = name
+    return tied
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def wants_lazy(lazy: bool | None, model: object, transforms: bool, has_state: bool) -> bool:
+    """Whether to open ``model`` lazily: asked for, or by default whenever it can be (a local
+    directory, a run state to write blocks to, no whole-model transform)."""
+    local_dir = isinstance(model, str | Path) and Path(model).expanduser().is_dir()
+    possible = local_dir and has_state and not transforms
+    if lazy is None:
+        return possible
+    if lazy and not possible:
+        raise CompensatorError(
+            "lazy=True needs a local safetensors directory, a resume=DIR to write each "
+            "finished block to, and a recipe without whole-model transforms (quarot-*)"
+        )
+    return lazy
