@@ -127,16 +127,17 @@ def test_every_expert_is_quantized_and_round_trips(family: str, tmp_path: Path) 
         assert torch.equal(loaded(ids).logits, qm.model(ids).logits)
 
 
-def test_expert_statistics_are_over_exactly_its_routed_tokens() -> None:
-    model = qwen3_moe()
+def _first_block(model: PreTrainedModel, ids: torch.Tensor) -> tuple[nn.Module, Stream]:
+    """Block 0 of ``model`` (experts split) and its input stream."""
     unfuse_experts(model)
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    ids = _ids(4)
-    hidden, kwargs = capture_block_inputs(
-        model, blocks, ids, batch_size=2, device=torch.device("cpu"), storage=torch.device("cpu")
-    )
-    block = blocks[0]
+    blocks = get_adapter(model).blocks(model)
+    cpu = torch.device("cpu")
+    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
+    return blocks[0], Stream(hidden, kwargs[0])
+
+
+def test_expert_statistics_are_over_exactly_its_routed_tokens() -> None:
+    block, stream = _first_block(qwen3_moe(), _ids(4))
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     moe = block.mlp
     hook = moe.register_forward_pre_hook(
@@ -144,7 +145,7 @@ def test_expert_statistics_are_over_exactly_its_routed_tokens() -> None:
     )
     names = [f"mlp.experts.{e}.gate_proj" for e in range(EXPERTS)]
     stats = collect_stats(
-        block, names, Stream(hidden, kwargs[0]), None, {"hessian"}, torch.device("cpu"),
+        block, names, stream, None, {"hessian"}, torch.device("cpu"),
         {"statistics": 0.0}, routed=set(names),
     )  # fmt: skip
     hook.remove()
@@ -184,23 +185,15 @@ def test_expert_no_token_reaches_is_quantized_and_named(
 def test_all_token_calibration_reads_every_token() -> None:
     model = qwen3_moe(top_k=1)
     _never_route(model, 3)
-    unfuse_experts(model)
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
     ids = _ids(4)
-    hidden, kwargs = capture_block_inputs(
-        model, blocks, ids, batch_size=2, device=torch.device("cpu"), storage=torch.device("cpu")
-    )
-    group = [
-        (n, blocks[0].get_submodule(n))
-        for n in ("mlp.experts.3.gate_proj", "mlp.experts.3.up_proj")
-    ]
+    block, stream = _first_block(model, ids)
+    names = ("mlp.experts.3.gate_proj", "mlp.experts.3.up_proj")
     stats = group_stats(
-        blocks[0], group, Stream(hidden, kwargs[0]), None, {"hessian"}, None,
+        block, [(n, block.get_submodule(n)) for n in names], stream, None, {"hessian"}, None,
         torch.device("cpu"), {"statistics": 0.0},
     )  # fmt: skip
     assert stats["mlp.experts.3.gate_proj"].tokens == ids.numel()
-    assert blocks[0].mlp.experts.calibrate_all == frozenset()  # reset after the pass
+    assert block.mlp.experts.calibrate_all == frozenset()  # reset after the pass
 
 
 def test_gptq_beats_rtn_on_a_tiny_moe() -> None:

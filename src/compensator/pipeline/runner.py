@@ -35,6 +35,7 @@ from compensator.models.lazy import LazyWeights, materialized
 from compensator.nn.layers import keep_dense
 from compensator.pipeline.context import block_context
 from compensator.pipeline.coverage import check_block_quantized
+from compensator.pipeline.memory import return_freed_memory
 from compensator.pipeline.passes import StarvedExperts, fp_pass, group_stats
 from compensator.pipeline.report import PipelineReport, Timer, log_report
 from compensator.pipeline.resume import RunState
@@ -158,6 +159,7 @@ def run_pipeline(
             if state is not None:
                 names = [n.removeprefix(prefix) for n in report.quantized_layers[before:]]
                 state.save_block(i, blocks[i], block_report, names)
+        return_freed_memory()
         q_stream, fp_hidden = streams.q, streams.fp_next
         bar.set_postfix(block_s=f"{time.perf_counter() - t_block:.1f}", **postfix)
     report.seconds["total"] = time.perf_counter() - t_start
@@ -234,6 +236,7 @@ def _restore_finished(
         streams = _block_streams(i, q_stream, fp_hidden, block_kwargs)
         with opener(i):
             _restore_block(i, blocks, adapter, plan, streams, device, storage, report, state)
+        return_freed_memory()
         q_stream, fp_hidden = streams.q, streams.fp_next
     log.info(
         "resuming %s: blocks 0-%d of %d restored in %.1fs, continuing at block %d",
