@@ -132,6 +132,7 @@ def test_remote_code_runs_only_when_asked(
     command: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import compensator.api
+    import compensator.pipeline.session
     from compensator.errors import CompensatorError
 
     asked: list[bool] = []
@@ -140,7 +141,8 @@ def test_remote_code_runs_only_when_asked(
         asked.append(trust_remote_code)
         raise CompensatorError("stop here")
 
-    monkeypatch.setattr(compensator.api, "load_model", record)
+    monkeypatch.setattr(compensator.api, "load_model", record)  # eval
+    monkeypatch.setattr(compensator.pipeline.session, "load_model", record)  # quantize
     args = (
         quantize_args(tiny_dir, tmp_path / "q", recipe="rtn")
         if command == "quantize"

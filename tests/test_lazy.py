@@ -160,7 +160,41 @@ def test_lazy_moe_reads_per_expert_tensors(tiny_dir: Path, tmp_path: Path) -> No
     common = dict(calibration=CALIB, progress=False, batch_size=2, group_size=16)
     whole = api.quantize(str(model), "gptq", **common)
     lazy = api.quantize(str(model), "gptq", resume=tmp_path / "state", **common)
+    assert has_meta_tensors(lazy.model)  # read block by block, not loaded whole
     assert _saved_bytes(lazy, tmp_path / "lazy") == _saved_bytes(whole, tmp_path / "whole")
+
+
+def test_files_a_model_cannot_read_tensor_by_tensor(tiny_dir: Path, tmp_path: Path) -> None:
+    model = _model_dir(tmp_path, tiny_dir)
+    weights = LazyWeights(model, torch.float32)
+    meta = api.load_model(str(model), lazy=True).model
+    assert weights.mismatch(meta) is None
+    meta.config.quantization_config = {"quant_method": "fp8"}
+    assert "quantization_config" in (weights.mismatch(meta) or "")
+    state = load_file(str(model / "model.safetensors"))
+    state["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(
+        torch.float8_e4m3fn
+    )
+    save_file(state, str(model / "model.safetensors"))
+    weights = LazyWeights(model, torch.float32)
+    meta = api.load_model(str(model), lazy=True).model
+    assert "up_proj.weight is F8_E4M3" in (weights.mismatch(meta) or "")
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].float()
+    save_file(state, str(model / "model.safetensors"))
+    meta = api.load_model(str(model), lazy=True).model
+    why = LazyWeights(model, torch.float32).mismatch(meta) or ""
+    assert "files hold model.layers.0.mlp.down_proj.weight_scale_inv" in why
+
+
+def test_a_changed_state_is_refused_at_save(tiny_dir: Path, tmp_path: Path) -> None:
+    model = _model_dir(tmp_path, tiny_dir)
+    lazy = api.quantize(str(model), "rtn", progress=False, resume=tmp_path / "state")
+    block = tmp_path / "state" / "block-00002.safetensors"
+    block.write_bytes(block.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CompensatorError, match=r"block 2 .* changed since"):
+        api.save(lazy, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
 
 
 def test_lazy_needs_a_state_and_a_directory(tiny_dir: Path, tmp_path: Path) -> None:

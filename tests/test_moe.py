@@ -232,3 +232,11 @@ def test_after_block_check_names_what_was_left_fp() -> None:
     block.mlp.experts[0].register_parameter("fused", nn.Parameter(torch.zeros(2, 3, 4)))
     with pytest.raises(CompensatorError, match=r"experts\.0\.fused \(Expert, 2 x 3 x 4\)"):
         check_block_quantized(block, "model.layers.1")
+
+
+def test_convolutions_are_not_fused_experts() -> None:
+    # Gemma 3's vision tower holds a 4-D patch embedding: not an experts tensor left fused.
+    from test_models import FAMILIES as DENSE
+
+    qm = _quantize(DENSE["gemma3"][0](), "rtn")
+    assert len(quantized_layers(qm.model)) == 2 * 7

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from compensator.io.native import (
 from compensator.models.adapter import get_adapter
 from compensator.models.checks import (
     check_calibration_size,
-    check_finite_weights,
     check_group_size,
+    check_no_fused_weights,
     check_scheme_fits,
     check_seqlen,
     check_token_ids,
@@ -44,10 +43,9 @@ from compensator.models.fingerprint import (
 from compensator.models.lazy import has_meta_tensors, wants_lazy
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
-from compensator.pipeline.coverage import split_experts
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState
-from compensator.pipeline.session import PipelineRun
+from compensator.pipeline.session import PipelineRun, open_model
 from compensator.recipes.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -80,24 +78,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             f"device {device!r} asked for but CUDA is not available; use --device cpu"
         )
     return dev
-
-
-def _as_loaded(
-    model: str | nn.Module | LoadedModel,
-    tokenizer: Any,
-    trust_remote_code: bool = False,
-    lazy: bool = False,
-) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, str | Path):
-        return load_model(str(model), trust_remote_code=trust_remote_code, lazy=lazy)
-    if tokenizer is None:
-        raise CompensatorError(
-            "quantize(model_object) needs tokenizer=...; or pass a model name/path"
-        )
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
 def quantize(
@@ -148,7 +128,6 @@ def quantize(
     """
     rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
     rec = rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs)
-    # The cheap arguments are checked before the model is loaded, so bad input fails fast.
     check_group_size(group_size)
     if rec.needs_data() and not isinstance(calibration, torch.Tensor):
         check_calibration_size(calib_windows, seqlen)
@@ -158,13 +137,14 @@ def quantize(
         if resume is not None and not isinstance(resume, RunState):
             state = stack.enter_context(RunState.open(resume, restart=restart))
         in_memory = not isinstance(model, str | Path)
-        lazy = wants_lazy(lazy, model, bool(rec.transforms), state is not None)
-        loaded, net, experts = _open(model, tokenizer, rec, trust_remote_code, lazy, inplace)
-        adapter = get_adapter(net)
-        check_scheme_fits(net, adapter, rank, group_size)
-        input_ids, calib_info = _calibration(
-            loaded, net, rec, calibration, calib_windows, seqlen, seed
+        asked, lazy = lazy is True, wants_lazy(lazy, model, bool(rec.transforms), state is not None)
+        loaded, net, experts = open_model(
+            model, tokenizer, rec, trust_remote_code, lazy, inplace, asked
         )
+        adapter = get_adapter(net)
+        check_no_fused_weights(adapter.blocks(net), adapter.arch.blocks)
+        check_scheme_fits(net, adapter, rank, group_size)
+        ids, calib_info = _calibration(loaded, net, rec, calibration, calib_windows, seqlen, seed)
         starved = starved_experts if experts else None
         run = PipelineRun(
             rec, dev, batch_size, progress, state, __version__, starved, loaded.weights
@@ -172,7 +152,7 @@ def quantize(
         base_fp = (None if in_memory else source_fingerprint(loaded.source)) or (
             tensors_fingerprint(net)
         )
-        report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, input_ids, calib_info)
+        report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, ids, calib_info)
     qconfig = _quantization_config(net, rec, report.quantized_layers, loaded.source, calib_info)
     qconfig["base_model_fingerprint"] = base_fp
     if experts:
@@ -180,22 +160,6 @@ def quantize(
     return QuantizedModel(
         net, loaded.tokenizer, qconfig, report.to_dict(), run.state, adapter.arch.blocks
     )
-
-
-def _open(
-    model: Any, tokenizer: Any, rec: Recipe, trust_remote_code: bool, lazy: bool, inplace: bool
-) -> tuple[LoadedModel, nn.Module, list[str]]:
-    """The loaded model, the network to quantize (a copy of an object unless ``inplace``),
-    and its experts (split into Linears): read lazily when asked and its files allow."""
-    loaded = _as_loaded(model, tokenizer, trust_remote_code, lazy)
-    in_memory = not isinstance(model, str | Path)
-    net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
-    check_finite_weights(net)
-    experts = split_experts(net, rec)
-    if loaded.weights is not None and (why := loaded.weights.mismatch(net)):
-        log.info("%s: cannot read it block by block (%s); loading it whole", model, why)
-        return _open(model, tokenizer, rec, trust_remote_code, False, inplace)
-    return loaded, net, experts
 
 
 def _calibration(
@@ -277,6 +241,8 @@ def save(
             "this model was quantized block by block and its blocks are in its run state: "
             "save it once in the native format, then export the saved checkpoint"
         )
+    if on_disk:  # the state is no longer locked: check it still holds this run's blocks
+        qmodel.state.check_blocks(qmodel.report["blocks"])
     if format == "native" and not options:
         path = save_checkpoint(
             qmodel.model, qmodel.quantization_config, out, tokenizer=qmodel.tokenizer,

@@ -18,6 +18,7 @@ import click
 
 from compensator import __version__
 from compensator.errors import CompensatorError, RunInterrupted
+from compensator.pipeline.memory import fix_mmap_threshold
 
 log = logging.getLogger("compensator")
 
@@ -56,16 +57,12 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="torch CPU threads (default: torch's choice).",
-)
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's).")
 @click.version_option(__version__, package_name="compensator")  # works uninstalled too
 def main(verbose: int, quiet: bool, threads: int | None) -> None:
     """Post-training quantization of LLMs that compensates quantization error."""
     _setup_logging(verbose, quiet)
+    fix_mmap_threshold()  # freed tensors go back to the system: docs/big-models.md
     if threads:
         import torch
 

@@ -48,6 +48,9 @@ class TensorRef:
 
 
 def write_streamed(path: Path, tensors: dict[str, TensorRef], metadata: dict[str, str]) -> None:
+    unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _NAMES})
+    if unknown:
+        raise ValueError(f"safetensors cannot hold dtypes {unknown}")
     order = sorted(tensors, key=lambda n: (-_ORDER.index(_NAMES[tensors[n].dtype]), n))
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -59,7 +62,7 @@ def write_streamed(path: Path, tensors: dict[str, TensorRef], metadata: dict[str
             "data_offsets": [offset, offset + ref.nbytes],
         }
         offset += ref.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(text)))

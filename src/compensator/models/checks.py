@@ -119,13 +119,23 @@ def fused_left(prefix: str, name: str, module: nn.Module, pname: str, p: nn.Para
     )
 
 
-def check_no_fused_weights(model: nn.Module) -> None:
-    """Refuse, before any work, a model with weight tensors of 3+ dimensions left after
+def left_fused(module: nn.Module) -> bool:
+    """Whether ``module`` holds weights of 3+ dimensions that are not a convolution's: the
+    fused experts of a layout that was not split into Linears."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return any(p.ndim >= 3 for p in module.parameters(recurse=False))
+
+
+def check_no_fused_weights(blocks: nn.Module, prefix: str) -> None:
+    """Refuse, before any work, decoder blocks that hold fused expert weights left after
     :func:`compensator.nn.experts.unfuse_experts` (nothing could quantize them)."""
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 3:
-                raise CompensatorError(fused_left("", name, module, pname, p))
+    for name, module in blocks.named_modules():
+        if left_fused(module):
+            pname, p = next(
+                (n, p) for n, p in module.named_parameters(recurse=False) if p.ndim >= 3
+            )
+            raise CompensatorError(fused_left(prefix, name, module, pname, p))
 
 
 def check_experts_recipe(recipe: Any, experts: list[str]) -> None:

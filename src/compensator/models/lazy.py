@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 
 
+_FLOAT_FILES = {"F16", "BF16", "F32", "F64"}
+
+
 class LazyWeights:
     """Which file holds each tensor of a local safetensors model, and reads on demand."""
 
@@ -35,19 +38,15 @@ class LazyWeights:
         self.dtype = dtype
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        index = directory / INDEX_FILE
-        if index.is_file():
-            files = sorted(
-                {directory / f for f in json.loads(index.read_text())["weight_map"].values()}
-            )
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-        for path in files:
+        self.dtypes: dict[str, str] = {}
+        for path in _weight_files(directory):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                        info = f.get_slice(name)
                         self.files[name] = path
-                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+                        self.shapes[name] = tuple(info.get_shape())
+                        self.dtypes[name] = info.get_dtype()
             except (OSError, SafetensorError) as err:
                 raise CompensatorError(
                     f"cannot read '{path}': {' '.join(str(err).split())}; the file is "
@@ -55,33 +54,42 @@ class LazyWeights:
                 ) from None
 
     def mismatch(self, model: nn.Module) -> str | None:
-        """Why ``model``'s tensor names or shapes differ from the files' (then it must be
-        loaded whole, through transformers' renaming), or None."""
+        """Why ``model`` cannot be read from the files tensor by tensor (then it must be
+        loaded whole, through transformers' renaming and dequantizing), or None: names or
+        shapes that differ, tensors the model does not have (quantization scales, old
+        names), non-float files for float tensors, a quantized checkpoint's config."""
+        if getattr(getattr(model, "config", None), "quantization_config", None):
+            return "its config.json declares a quantization_config"
         tied = _tied_names(model)
-        for name, t in _meta_tensors(model):
-            if name in tied:
+        state = model.state_dict(keep_vars=True)
+        for name, t in state.items():
+            if name in tied or not (t.is_meta or name in self.files):
                 continue
             if name not in self.files:
                 return f"{name} is not in the files"
             if self.shapes[name] != tuple(t.shape):
                 return f"{name} has shape {self.shapes[name]} in the files, {tuple(t.shape)} in the model"
-        return None
+            if t.is_floating_point() and self.dtypes[name] not in _FLOAT_FILES:
+                return f"{name} is {self.dtypes[name]} in the files"
+        extra = sorted(set(self.files) - set(state))
+        return f"the files hold {extra[0]}, which the model has not" if extra else None
 
     def materialize(
         self, module: nn.Module, prefix: str = "", skip: nn.Module | None = None
     ) -> None:
-        """Read every meta tensor of ``module`` (named ``prefix + name`` in the files) except
-        those inside ``skip``, each file opened once for this call."""
+        """Read every parameter of ``module`` still on the meta device, and every buffer
+        the files hold (named ``prefix + name`` there), except those inside ``skip``; each
+        file is opened once for this call."""
         skipped = set() if skip is None else {id(t) for t in (*skip.parameters(), *skip.buffers())}
         wanted: dict[Path, list[tuple[str, nn.Module, str]]] = {}
         for owner_name, owner in module.named_modules():
             for kind in ("_parameters", "_buffers"):
                 for local, t in getattr(owner, kind).items():
-                    if t is None or not t.is_meta or id(t) in skipped:
+                    if t is None or id(t) in skipped:
                         continue
                     full = prefix + ".".join(x for x in (owner_name, local) if x)
-                    if full not in self.files:
-                        continue  # a tied weight, re-tied by the caller
+                    if full not in self.files or (kind == "_parameters" and not t.is_meta):
+                        continue  # a tied weight (re-tied by the caller), or a computed buffer
                     wanted.setdefault(self.files[full], []).append((full, owner, local))
         for path, items in wanted.items():
             with safe_open(str(path), framework="pt") as f:
@@ -96,9 +104,29 @@ class LazyWeights:
                         owner._buffers[local] = t
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        return sorted(directory.glob("*.safetensors"))
+    try:
+        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CompensatorError(
+            f"cannot read '{index}' ({type(err).__name__}: {err}); it should map tensor names "
+            "to files under 'weight_map': copy or download it again"
+        ) from None
+
+
 def release(module: nn.Module) -> None:
-    """Drop ``module``'s tensors (to the meta device); they are on disk."""
-    module.to("meta")
+    """Drop ``module``'s parameters and persistent buffers (to the meta device): they are on
+    disk. Non-persistent buffers (computed at construction, in no file) stay."""
+    for owner in module.modules():
+        for name, p in owner._parameters.items():
+            if p is not None:
+                owner._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        for name, b in owner._buffers.items():
+            if b is not None and name not in owner._non_persistent_buffers_set:
+                owner._buffers[name] = b.to("meta")
 
 
 @contextmanager

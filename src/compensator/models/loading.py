@@ -206,12 +206,15 @@ def _open_lazily(
     from accelerate import init_empty_weights
 
     weights = LazyWeights(path, dtype)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    # Buffers (rotary frequencies) are computed on CPU as usual; only parameters are empty.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # Buffers (rotary frequencies) are computed on CPU as usual; only parameters are empty.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as err:
+        raise CompensatorError(f"cannot build the model of '{path}': {_summary(err)}") from err
     model.tie_weights()  # lm_head is the embedding when the config ties them (not in the files)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), weights=weights)
 

@@ -7,8 +7,9 @@ Nothing that quantizes Linears sees them, so without this they stay in full prec
 arithmetic over per-expert ``gate_proj``/``up_proj``/``down_proj`` Linears, so every expert is
 rounded like any other Linear, on exactly the tokens routed to it.
 
-Only the plain layout is recognised (gate and up concatenated, not transposed, no biases);
-any other fused layout stays as it is and the pipeline's after-block check names it.
+Only the classes in :data:`PLAIN_EXPERTS` with the plain layout are split (gate and up
+concatenated, not transposed, no biases); any other fused experts module stays as it is and
+is refused before the run, by name (``models.checks.check_no_fused_weights``).
 """
 
 from __future__ import annotations
@@ -71,17 +72,28 @@ class ExpertLinears(nn.ModuleList):
         return out
 
 
+# The fused experts classes whose forward is exactly Expert's routing arithmetic (checked in
+# transformers 5.24): others (clamped gates, post-expert norms, two-argument activations,
+# float32 gating) keep their own module and are refused before the run, by name.
+PLAIN_EXPERTS = frozenset({"Qwen3MoeExperts", "MixtralExperts"})
+
+
 def _fused_layout(module: nn.Module) -> tuple[int, int, int] | None:
     """(experts, hidden, intermediate) of a plain fused experts module, else None."""
+    if type(module).__name__ not in PLAIN_EXPERTS:
+        return None
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
     if not isinstance(gate_up, nn.Parameter) or not isinstance(down, nn.Parameter):
         return None
     if gate_up.ndim != 3 or down.ndim != 3 or not callable(getattr(module, "act_fn", None)):
         return None
-    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
+    flags = ("is_transposed", "has_bias", "has_post_expert_norm")
+    if any(getattr(module, f, False) for f in flags) or not getattr(
+        module, "is_concatenated", True
+    ):
         return None
-    if getattr(module, "has_bias", False) or getattr(module, "has_gate", True) is False:
+    if getattr(module, "has_gate", True) is False:
         return None
     n, two_i, h = gate_up.shape
     if two_i % 2 or tuple(down.shape) != (n, h, two_i // 2):

@@ -8,7 +8,7 @@ import logging
 from torch import nn
 
 from compensator.errors import CompensatorError
-from compensator.models.checks import check_experts_recipe, check_no_fused_weights, fused_left
+from compensator.models.checks import check_experts_recipe, fused_left, left_fused
 from compensator.nn.experts import unfuse_experts
 from compensator.nn.layers import quantized_layers
 from compensator.recipes.recipe import Recipe
@@ -31,16 +31,17 @@ def check_block_quantized(block: nn.Module, prefix: str) -> None:
                 f"{module.in_features}) was left in full precision: no group of the adapter "
                 "names it; declare it in compensator.models.adapter or report the model"
             )
-        for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 3:
-                raise CompensatorError(fused_left(prefix, name, module, pname, p))
+        if left_fused(module):
+            pname, p = next(
+                (n, p) for n, p in module.named_parameters(recurse=False) if p.ndim >= 3
+            )
+            raise CompensatorError(fused_left(prefix, name, module, pname, p))
 
 
 def split_experts(model: nn.Module, recipe: Recipe) -> list[str]:
     """Split the fused experts of ``model`` into per-expert Linears (their module names),
-    refusing first what could not be quantized or what ``recipe`` cannot do with experts."""
+    refusing what ``recipe`` cannot do with experts."""
     experts = unfuse_experts(model)
-    check_no_fused_weights(model)
     if experts:
         check_experts_recipe(recipe, experts)
         log.info("split the fused experts of %d blocks into per-expert Linears", len(experts))

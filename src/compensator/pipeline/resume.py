@@ -178,9 +178,9 @@ class RunState:
 
     def load_block(self, index: int, block: nn.Module) -> RestoredBlock:
         """Turn the FP ``block`` into the saved quantized one, in place."""
-        meta = _read_json(self._meta(index))
+        meta = self._intact(index)
         tensors = self.block_file(index)
-        if meta is None or not tensors.is_file() or file_sha256(tensors) != meta.get("sha256"):
+        if meta is None:
             raise CompensatorError(
                 f"the saved block {index} in {self.directory} is damaged; run again with "
                 "--restart to start over"
@@ -197,6 +197,24 @@ class RunState:
                 "again with --restart to start over"
             ) from None
         return RestoredBlock(meta["report"], [name for name, _ in meta["layers"]])
+
+    def _intact(self, index: int) -> dict[str, Any] | None:
+        """Block ``index``'s record if its tensors are there as written, else None."""
+        meta = _read_json(self._meta(index))
+        tensors = self.block_file(index)
+        if meta is None or not tensors.is_file() or file_sha256(tensors) != meta.get("sha256"):
+            return None
+        return meta
+
+    def check_blocks(self, count: int) -> None:
+        """Refuse to assemble a checkpoint from blocks 0..count-1 unless every one is there
+        and unchanged (sha256 as recorded when it was written)."""
+        for i in range(count):
+            if self._intact(i) is None:
+                raise CompensatorError(
+                    f"block {i} in {self.directory} is missing or changed since it was "
+                    "quantized (another run used the directory?); quantize again"
+                )
 
     def discard(self) -> None:
         """Remove the state once its result is saved."""

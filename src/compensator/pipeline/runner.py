@@ -9,7 +9,9 @@ stream, round and correct the group, and put the layers in place, so that later 
 the already-quantized outputs; finally run the quantized block on the quantized stream to
 feed the next block, and move the block back.
 
-Peak memory is one block plus the activation streams, whatever the number of blocks.
+Peak memory is one block plus the activation streams (with pass reuse, up to two more
+streams' worth of kept sublayer outputs within a block), whatever the number of blocks; a
+model read lazily holds only that block's weights.
 """
 
 from __future__ import annotations
@@ -333,6 +335,8 @@ def _quantize_block(
         report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n, _ in group]
     if streams.q is not None:
         with Timer(report, "forward"):
+            if reuse is not None:
+                reuse.last_pass = True
             streams.q = streams.q.replaced(run_block(block, streams.q, device, storage, reuse))
         check_finite_stream(streams.q.hidden, f"after block {i}")
     streams.fp_next = fp_out

@@ -1,17 +1,23 @@
-"""One quantize call's run of the block pipeline: fingerprinted and resumable."""
+"""One quantize call: opening its model (lazily where it can), and its run of the block
+pipeline, fingerprinted and resumable."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from compensator.errors import RunInterrupted
+from compensator.errors import CompensatorError, RunInterrupted
 from compensator.models.adapter import ModelAdapter
+from compensator.models.checks import check_finite_weights
 from compensator.models.lazy import LazyWeights
+from compensator.models.loading import LoadedModel, load_model
+from compensator.pipeline.coverage import split_experts
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState, run_fingerprint
 from compensator.pipeline.runner import PipelineReport, run_pipeline
@@ -63,3 +69,45 @@ class PipelineRun:
             if self.state is None:
                 raise
             raise RunInterrupted(self.state.interrupted_message()) from None
+
+
+def as_loaded(
+    model: str | nn.Module | LoadedModel,
+    tokenizer: Any,
+    trust_remote_code: bool = False,
+    lazy: bool = False,
+) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str | Path):
+        return load_model(str(model), trust_remote_code=trust_remote_code, lazy=lazy)
+    if tokenizer is None:
+        raise CompensatorError(
+            "quantize(model_object) needs tokenizer=...; or pass a model name/path"
+        )
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def open_model(
+    model: Any,
+    tokenizer: Any,
+    rec: Recipe,
+    trust_remote_code: bool,
+    lazy: bool,
+    inplace: bool,
+    asked_lazy: bool = False,
+) -> tuple[LoadedModel, nn.Module, list[str]]:
+    """The loaded model, the network to quantize (a copy of an object unless ``inplace``),
+    and its experts (split into Linears): read lazily when asked and its files allow."""
+    loaded = as_loaded(model, tokenizer, trust_remote_code, lazy)
+    in_memory = not isinstance(model, str | Path)
+    net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
+    check_finite_weights(net)
+    experts = split_experts(net, rec)
+    if loaded.weights is not None and (why := loaded.weights.mismatch(net)):
+        # Asked for explicitly, the whole load may not fit: say so louder.
+        say = log.warning if asked_lazy else log.info
+        say("%s: cannot read it block by block (%s); loading it whole", model, why)
+        return open_model(model, tokenizer, rec, trust_remote_code, False, inplace)
+    return loaded, net, experts

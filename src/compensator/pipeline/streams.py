@@ -30,15 +30,19 @@ class Stream:
         return Stream(hidden, self.kwargs)
 
 
-def to_device(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:
+Memo = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def to_device(value: Any, device: torch.device, memo: Memo | None = None) -> Any:
     """``value`` with its tensors on ``device``; with a ``memo``, a tensor met again (the
-    rotary embeddings every block is passed) is moved once and shared."""
+    rotary embeddings every block is passed) is moved once and shared. The memo holds the
+    original too, so that its id cannot be reused by another tensor while it is kept."""
     if isinstance(value, torch.Tensor):
         if memo is None:
             return value.to(device)
         if id(value) not in memo:
-            memo[id(value)] = value.to(device)
-        return memo[id(value)]
+            memo[id(value)] = (value, value.to(device))
+        return memo[id(value)][1]
     if isinstance(value, dict):
         return {k: to_device(v, device, memo) for k, v in value.items()}
     if isinstance(value, list):
@@ -83,7 +87,7 @@ def capture_block_inputs(
     # The model passes the same mask and rotary tensors to every block: stored once per batch
     # (on a GPU with CPU storage, 80 blocks x 16 batches of 2048-token rotary tables would
     # otherwise be 80 copies, 21 GB, for a Llama-3-70B).
-    memo: dict[int, torch.Tensor] = {}
+    memo: Memo = {}
 
     def recorder(index: int) -> Callable[..., Any]:
         def forward(*args: Any, **kw: Any) -> Any:
@@ -93,7 +97,7 @@ def capture_block_inputs(
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
             kw["use_cache"] = False
             if index == 0:
-                memo.clear()  # a new batch: ids of freed tensors may be reused
+                memo.clear()  # a new batch
             per_block[index].append(to_device(kw, storage, memo))
             if index == len(blocks) - 1:
                 raise StopForward
