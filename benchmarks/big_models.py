@@ -22,6 +22,8 @@ WIDTH, INTERMEDIATE, VOCAB = 1024, 4096, 512
 _RUN = """
 import json, resource, sys, time
 import compensator as cp
+from compensator.pipeline.memory import fix_mmap_threshold
+fix_mmap_threshold()  # as the CLI does
 model, recipe, out, mode = sys.argv[1:5]
 t0 = time.perf_counter()
 qm = cp.quantize(model, recipe, calibration="embedded", calib_windows=4, seqlen=128,
