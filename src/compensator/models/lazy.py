@@ -142,12 +142,6 @@ def materialized(weights: LazyWeights | None, block: nn.Module, prefix: str) -> 
         release(block)
 
 
-def _meta_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, t in model.state_dict(keep_vars=True).items():
-        if t.is_meta:
-            yield name, t
-
-
 def _tied_names(model: nn.Module) -> set[str]:
     """State-dict names that are another name's tensor (lm_head tied to the embedding)."""
     seen: dict[int, str] = {}

@@ -48,7 +48,6 @@ class ExpertLinears(nn.ModuleList):
 
     def __init__(self, experts: list[Expert]) -> None:
         super().__init__(experts)
-        self.num_experts = len(experts)
         self.calibrate_all: frozenset[int] = frozenset()
 
     def forward(
@@ -56,8 +55,8 @@ class ExpertLinears(nn.ModuleList):
     ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            # num_experts + 1 classes: expert-parallel sharding marks foreign experts so.
-            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            # len + 1 classes: expert-parallel sharding marks foreign experts so.
+            mask = nn.functional.one_hot(top_k_index, num_classes=len(self) + 1)
             mask = mask.permute(2, 1, 0)
         for e, expert in enumerate(self):
             top_k_pos, token_idx = torch.where(mask[e])

@@ -128,10 +128,11 @@ def group_stats(
     """The statistics ``stat_names`` of a group of Linears. Experts that calibration routes
     fewer tokens to than they have inputs are calibrated on every token (``starved ==
     "all-tokens"``) or left without statistics, to be rounded without data (``"rtn"``)."""
-    stats = _group_stats(
-        block, group, stream, fp_inputs, stat_names, splitter, device, seconds, act, reuse
-    )
     experts = routed_linears(block, [n for n, _ in group])
+    stats = _group_stats(
+        block, group, stream, fp_inputs, stat_names, splitter, device, seconds, act, reuse,
+        set(experts),
+    )  # fmt: skip
     few = [
         n
         for n, linear in group
@@ -146,11 +147,11 @@ def group_stats(
     log.warning("experts with too few calibration tokens, calibrated on all tokens: %s", counts)
     modules = {id(m): m for m, _ in experts.values()}
     for m in modules.values():
-        m.calibrate_all = frozenset(e for n in few if experts[n][0] is m for e in [experts[n][1]])
+        m.calibrate_all = frozenset(experts[n][1] for n in few if experts[n][0] is m)
     try:
         again = _group_stats(
             block, [(n, lin) for n, lin in group if n in few], stream, fp_inputs, stat_names,
-            splitter, device, seconds, act, reuse,
+            splitter, device, seconds, act, reuse, set(experts),
         )  # fmt: skip
     finally:
         for m in modules.values():
@@ -169,12 +170,12 @@ def _group_stats(
     seconds: Seconds,
     act: ActSpec | None,
     reuse: BatchReuse | None,
+    routed: set[str],
 ) -> dict[str, LinearStats]:
     """With a ``splitter`` (a step whose layers split their input), a first pass gives the
     Hessians its bases come from, and everything that does not read the split input; a
     second pass the rest."""
     names = [n for n, _ in group]
-    routed = set(routed_linears(block, names))
     if splitter is None:
         return collect_stats(
             block, names, stream, fp_inputs, stat_names, device, seconds, act, reuse=reuse,

@@ -152,7 +152,7 @@ def run_pipeline(
         streams = _block_streams(i, q_stream, fp_hidden, block_kwargs)
         before = len(report.quantized_layers)
         prefix = f"{adapter.block_prefix(i)}."
-        with materialized(weights, blocks[i], prefix):
+        with opener(i):
             if weights is not None:
                 check_finite_weights(blocks[i], prefix)
             postfix, block_report = _quantize_block(
