@@ -6,8 +6,8 @@ Both helpers act on the process's allocator: the pipeline calls :func:`return_fr
 
 glibc keeps memory freed by one block's tensors in its heap (its mmap threshold rises as
 large blocks are freed, so later allocations of that size come from the heap, which it
-rarely shrinks). Seen with a one-off probe (RSS after each block) on a 16-block random Llama of width 1024 read block by block with
-gptaq-exact: RSS between blocks grew by ~45 MB per block (871 -> 1291 MB, peak 1739 MB);
+rarely shrinks). Seen with a one-off probe (RSS after each block) on a 16-block random
+Llama of width 1024 read block by block with gptaq-exact: RSS between blocks grew by ~45 MB per block (871 -> 1291 MB, peak 1739 MB);
 with ``malloc_trim(0)`` after each block it stayed at 491-494 MB (peak 1283 MB). The call
 only returns free pages; it changes no allocation or result.
 """
