@@ -73,20 +73,24 @@ def first_block(model: torch.nn.Module, spec: object, vq: object = None):
     from compensator.models.adapter import get_adapter
     from compensator.pipeline.context import block_context
     from compensator.pipeline.passes import fp_pass
+    from compensator.pipeline.storage import Storage
     from compensator.pipeline.streams import Stream, capture_block_inputs
 
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
     cpu = torch.device("cpu")
-    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
+    storage = Storage(cpu)
+    hidden, kwargs = capture_block_inputs(
+        model, blocks, ids, batch_size=2, device=cpu, storage=storage
+    )
     block = blocks[0]
     linears = adapter.linears(block)
     stream = Stream(hidden, kwargs[0])
-    fp_in, fp_out = fp_pass(block, list(linears), stream, cpu, cpu)
+    fp_in, fp_out = fp_pass(block, list(linears), stream, cpu, storage)
     ctx = block_context(
         0, blocks, block, linears, adapter.arch.rotation, stream, stream, fp_out, fp_in,
-        kwargs[1], cpu, cpu,
+        kwargs[1], cpu, storage,
     )  # fmt: skip
     return block, list(linears), learn_context(ctx, spec, vq), ctx
 

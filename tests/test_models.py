@@ -356,3 +356,15 @@ def test_builtin_smollm2_loads() -> None:
     with torch.no_grad():
         logits = loaded.model(ids).logits
     assert torch.isfinite(logits).all()
+    # Read lazily, its GGUF tensors dequantized one module at a time (q/k rows un-permuted
+    # as transformers does) are exactly those of the whole load.
+    lazy = load_model("smollm2-135m", lazy=True)
+    model = lazy.model
+    assert lazy.weights is not None and lazy.weights.mismatch(model) is None
+    assert all(p.is_meta for p in model.model.layers.parameters())
+    lazy.weights.materialize(model)
+    model.tie_weights()
+    whole, state = loaded.model.state_dict(), model.state_dict()
+    assert state.keys() == whole.keys()
+    for name, t in whole.items():
+        assert torch.equal(state[name], t), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from compensator.nn.experts import ExpertLinears, unfuse_experts
 from compensator.nn.layers import quantized_layers
 from compensator.pipeline.coverage import check_block_quantized
 from compensator.pipeline.passes import collect_stats, group_stats
+from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import Stream, capture_block_inputs
 
 _COMMON = {
@@ -57,6 +59,19 @@ def mixtral(top_k: int = 2) -> PreTrainedModel:
         num_local_experts=EXPERTS,
     )
     return transformers.MixtralForCausalLM(config).eval()
+
+
+def deepseek_v3(top_k: int = 2) -> PreTrainedModel:
+    """Latent attention, a dense first block, then routed and shared experts."""
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        **{**_COMMON, "num_experts_per_tok": top_k, "num_hidden_layers": 3, "head_dim": 8,
+           "num_key_value_heads": 2},
+        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=EXPERTS,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+    )  # fmt: skip
+    return transformers.DeepseekV3ForCausalLM(config).eval()
 
 
 FAMILIES: dict[str, Callable[..., PreTrainedModel]] = {"qwen3_moe": qwen3_moe, "mixtral": mixtral}
@@ -132,7 +147,9 @@ def _first_block(model: PreTrainedModel, ids: torch.Tensor) -> tuple[nn.Module, 
     unfuse_experts(model)
     blocks = get_adapter(model).blocks(model)
     cpu = torch.device("cpu")
-    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
+    hidden, kwargs = capture_block_inputs(
+        model, blocks, ids, batch_size=2, device=cpu, storage=Storage(cpu)
+    )
     return blocks[0], Stream(hidden, kwargs[0])
 
 
@@ -240,3 +257,34 @@ def test_convolutions_are_not_fused_experts() -> None:
 
     qm = _quantize(DENSE["gemma3"][0](), "rtn")
     assert len(quantized_layers(qm.model)) == 2 * 7
+
+
+def test_deepseek_v3_latent_attention_shared_and_routed_experts_all_quantized(
+    tmp_path: Path,
+) -> None:
+    model = deepseek_v3()
+    ids = _ids(2, seed=5)
+    with torch.no_grad():
+        fp = model(ids).logits
+        unfused = unfuse_experts(copy.deepcopy(model))
+    assert unfused == ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]
+    qm = _quantize(model)
+    layers = dict(quantized_layers(qm.model))
+    attn = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    for b in range(3):
+        assert {f"model.layers.{b}.self_attn.{n}" for n in attn} <= layers.keys()
+    assert {
+        f"model.layers.0.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")
+    } <= layers.keys()
+    for b in (1, 2):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.{b}.mlp.shared_experts.{proj}" in layers
+            for e in range(EXPERTS):
+                assert f"model.layers.{b}.mlp.experts.{e}.{proj}" in layers
+    assert len(layers) == 3 * 5 + 3 + 2 * (3 + 3 * EXPERTS)
+    assert not [n for n, p in qm.model.named_parameters() if p.ndim >= 3]
+    cp.save(qm, tmp_path / "q")
+    with torch.no_grad():
+        got = cp.load(tmp_path / "q")(ids).logits
+        assert torch.equal(got, qm.model(ids).logits)
+    assert (got - fp).abs().mean() < 0.5 * fp.abs().mean()  # 4-bit: near FP, not equal

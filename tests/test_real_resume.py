@@ -4,7 +4,9 @@ bit-identical to an uninterrupted run's, and the rerun is faster. Slow (about 2 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from compensator.cli import main
 from compensator.io.atomic import state_dir
 from compensator.models.loading import load_model
 from conftest import require
@@ -52,13 +56,19 @@ def test_kill_at_half_then_resume_on_smollm2(tmp_path: Path) -> None:
     # converting its tokenizer), which would hide what resuming saves.
     model = tmp_path / "smollm2"
     loaded = load_model("smollm2-135m")
-    plain = LlamaForCausalLM(LlamaConfig(**loaded.model.config.to_diff_dict()))
+    # Without the GGUF's quantization_config (dequantized: plain fp32), so that it is read
+    # block by block as a user's safetensors model is.
+    config = {
+        k: v for k, v in loaded.model.config.to_diff_dict().items() if k != "quantization_config"
+    }
+    plain = LlamaForCausalLM(LlamaConfig(**config))
     plain.load_state_dict(loaded.model.state_dict())
     plain.save_pretrained(model, safe_serialization=True)
     loaded.tokenizer.save_pretrained(model)
     whole = tmp_path / "whole"
     t_whole, done = _timed(_command(model, whole))
     assert done.returncode == 0, done.stderr[-3000:]
+    _check_plan(model, done.stdout)
 
     out = tmp_path / "q"
     run = subprocess.Popen(
@@ -85,3 +95,17 @@ def test_kill_at_half_then_resume_on_smollm2(tmp_path: Path) -> None:
     # Both times include start-up and model loading (~10 s here).
     print(f"uninterrupted {t_whole:.1f}s, resumed after the kill {t_resume:.1f}s")
     assert t_resume < 0.8 * t_whole, (t_resume, t_whole)
+
+
+def _check_plan(model: Path, stdout: str) -> None:
+    """``compensator plan`` on the same model and settings predicts the run's peak RSS
+    (which the CLI prints) within 25% (issue 17)."""
+    found = re.search(r"peak RSS (\d+) MB", stdout)
+    assert found, stdout
+    res = CliRunner().invoke(
+        main, ["plan", str(model), "--calib-windows", "4", "--seqlen", "128", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    predicted = json.loads(res.stdout)["cpu"]["peak"] / 1e6
+    print(f"peak RSS {found[1]} MB, planned {predicted:.0f} MB")
+    assert 0.75 < predicted / float(found[1]) < 1.25, (predicted, found[1])

@@ -7,6 +7,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from compensator.models.adapter import get_adapter
 from compensator.nn import QuantLinear
+from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import (
     Stream,
     capture_block_inputs,
@@ -35,13 +36,15 @@ def test_each_block_gets_its_own_mask_and_rotary() -> None:
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     blocks = get_adapter(model).blocks(model)
     cpu = torch.device("cpu")
-    hidden, kwargs = capture_block_inputs(model, blocks, ids, batch_size=2, device=cpu, storage=cpu)
+    hidden, kwargs = capture_block_inputs(
+        model, blocks, ids, batch_size=2, device=cpu, storage=Storage(cpu)
+    )
     seen: list[torch.Tensor] = []
     hook = blocks[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
         model(ids)
     hook.remove()
-    after_0 = run_block(blocks[0], Stream(hidden, kwargs[0]), cpu, cpu)
+    after_0 = run_block(blocks[0], Stream(hidden, kwargs[0]), cpu, Storage(cpu))
     got = capture_linear_inputs(blocks[1], ["self_attn.o_proj"], after_0[0], kwargs[1][0], cpu)
     torch.testing.assert_close(got["self_attn.o_proj"], seen[0])
 

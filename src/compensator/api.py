@@ -40,12 +40,13 @@ from compensator.models.fingerprint import (
     source_fingerprint,
     tensors_fingerprint,
 )
-from compensator.models.lazy import has_meta_tensors, wants_lazy
+from compensator.models.lazy import has_meta_tensors
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState
 from compensator.pipeline.session import PipelineRun, open_model
+from compensator.pipeline.storage import StreamsAt
 from compensator.recipes.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def quantize(
     trust_remote_code: bool = False,
     starved_experts: StarvedExperts = "all-tokens",
     lazy: bool | None = None,
+    streams: StreamsAt = "auto",
+    offload_dir: str | Path | None = None,
 ) -> QuantizedModel:
     """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
 
@@ -122,10 +125,11 @@ def quantize(
     ``trust_remote_code`` lets a hub or local model run its own Python code (off unless asked).
 
     ``starved_experts``: what becomes of an MoE expert routed too few tokens ("all-tokens" or
-    "rtn"). ``lazy`` (default: when there is a ``resume`` state and a local safetensors dir)
-    reads each block only while it is quantized; the result can then only be saved. Both:
-    docs/architecture.md.
-    """
+    "rtn"). ``lazy`` (default: with a ``resume`` state and a safetensors dir or GGUF) reads
+    each block only while it is quantized; the result can then only be saved. ``streams``:
+    where calibration activations rest ("device", "cpu", "disk": memory-mapped under
+    ``offload_dir``, default the ``resume`` dir; "auto" picks from free memory). All:
+    docs/big-models.md."""
     rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
     rec = rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs)
     check_group_size(group_size)
@@ -137,9 +141,8 @@ def quantize(
         if resume is not None and not isinstance(resume, RunState):
             state = stack.enter_context(RunState.open(resume, restart=restart))
         in_memory = not isinstance(model, str | Path)
-        asked, lazy = lazy is True, wants_lazy(lazy, model, bool(rec.transforms), state is not None)
         loaded, net, experts = open_model(
-            model, tokenizer, rec, trust_remote_code, lazy, inplace, asked
+            model, tokenizer, rec, trust_remote_code, lazy, inplace, state is not None
         )
         adapter = get_adapter(net)
         check_no_fused_weights(adapter.blocks(net), adapter.arch.blocks)
@@ -147,19 +150,21 @@ def quantize(
         ids, calib_info = _calibration(loaded, net, rec, calibration, calib_windows, seqlen, seed)
         starved = starved_experts if experts else None
         run = PipelineRun(
-            rec, dev, batch_size, progress, state, __version__, starved, loaded.weights
-        )
-        base_fp = (None if in_memory else source_fingerprint(loaded.source)) or (
-            tensors_fingerprint(net)
-        )
+            rec, dev, batch_size, progress, state, __version__, starved, loaded.weights,
+            streams, offload_dir,
+        )  # fmt: skip
+        base_fp = _base_fingerprint(loaded, net, in_memory)
         report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, ids, calib_info)
     qconfig = _quantization_config(net, rec, report.quantized_layers, loaded.source, calib_info)
     qconfig["base_model_fingerprint"] = base_fp
-    if experts:
-        qconfig["experts"] = {"layout": "unfused", "starved": starved_experts}
+    qconfig |= {"experts": {"layout": "unfused", "starved": starved_experts}} if experts else {}
     return QuantizedModel(
         net, loaded.tokenizer, qconfig, report.to_dict(), run.state, adapter.arch.blocks
     )
+
+
+def _base_fingerprint(loaded: LoadedModel, net: nn.Module, in_memory: bool) -> dict[str, Any]:
+    return (None if in_memory else source_fingerprint(loaded.source)) or tensors_fingerprint(net)
 
 
 def _calibration(

@@ -6,52 +6,19 @@ and leaves no half-written checkpoint (saving writes to a temporary directory fi
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from compensator import __version__
+from compensator.cli_options import friendly, no_progress_bars, scheme_options, setup_logging
 from compensator.errors import CompensatorError, RunInterrupted
-from compensator.pipeline.memory import fix_mmap_threshold
+from compensator.pipeline.memory import fix_mmap_threshold, peak_rss_mb
 
 log = logging.getLogger("compensator")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    # transformers' own INFO chatter drowns ours.
-    logging.getLogger("transformers").setLevel(logging.WARNING)
-
-
-def _no_progress_bars() -> None:
-    """--no-progress also silences transformers' own bars (e.g. "Loading weights")."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CompensatorError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt as e:
-            click.echo(str(e) or "interrupted; no output was written", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +28,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(__version__, package_name="compensator")  # works uninstalled too
 def main(verbose: int, quiet: bool, threads: int | None) -> None:
     """Post-training quantization of LLMs that compensates quantization error."""
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     fix_mmap_threshold()  # freed tensors go back to the system: docs/big-models.md
     if threads:
         import torch
@@ -69,62 +36,10 @@ def main(verbose: int, quiet: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-class RankType(click.ParamType):
-    name = "rank"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
-        from compensator.correctors.lowrank import parse_rank
-
-        try:
-            return parse_rank(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-def _scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(
-        [
-            click.option(
-                "--bits",
-                type=click.IntRange(2, 8),
-                default=None,
-                help="Weight bits (overrides the recipe).",
-            ),
-            click.option(
-                "--group-size",
-                type=int,
-                default=None,
-                help="Columns per group; -1 for per-channel.",
-            ),
-            click.option(
-                "--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric weights."
-            ),
-            click.option(
-                "--rank",
-                type=RankType(),
-                default=None,
-                help="Rank of the recipe's low-rank corrector: components (16) or a share of each layer's parameters (30%).",
-            ),
-            click.option(
-                "--act-bits",
-                type=click.IntRange(2, 16),
-                default=None,
-                help="Per-token dynamic activation bits (8: W4A8, 4: W4A4; 16 turns it off).",
-            ),
-            click.option(
-                "--epochs",
-                type=click.IntRange(0),
-                default=None,
-                help="Training epochs per block of a learned recipe (omniquant, lsi, sde, sde-cll).",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
 _STARVED = click.Choice(["all-tokens", "rtn"])
 _STARVED_HELP = "MoE: an expert routed too few tokens is calibrated on all tokens, or RTN."
+_STREAMS_HELP = "Where calibration activations rest (auto: from free memory; disk: mmap files)."
+_OFFLOAD_HELP = "Directory for --streams disk (default: <out>.partial)."
 
 
 @main.command()
@@ -135,7 +50,7 @@ _STARVED_HELP = "MoE: an expert routed too few tokens is calibrated on all token
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory."
 )
-@_scheme_options
+@scheme_options
 @click.option(
     "--calib",
     "calib",
@@ -151,8 +66,15 @@ _STARVED_HELP = "MoE: an expert routed too few tokens is calibrated on all token
 @click.option("--trust-remote-code", is_flag=True, help="Let MODEL run the code it ships.")
 @click.option("--restart", is_flag=True, help="Discard the blocks kept in <out>.partial.")
 @click.option("--starved-experts", type=_STARVED, default="all-tokens", help=_STARVED_HELP)
+@click.option(
+    "--streams",
+    type=click.Choice(["auto", "device", "cpu", "disk"]),
+    default="auto",
+    help=_STREAMS_HELP,
+)
+@click.option("--offload-dir", type=click.Path(file_okay=False), help=_OFFLOAD_HELP)
 @click.option("--no-progress", is_flag=True)
-@_friendly
+@friendly
 def quantize(
     model: str, recipe: str, out: str, force: bool, restart: bool, no_progress: bool, **opts: Any
 ) -> None:
@@ -165,7 +87,7 @@ def quantize(
 
     check_out(out, force, protect=(model,))  # fail before the expensive part
     if no_progress:
-        _no_progress_bars()
+        no_progress_bars()
     with RunState.open(state_dir(out), restart=restart) as state:
         try:
             _quantize_and_save(model, recipe, out, force, state, not no_progress, opts)
@@ -187,29 +109,14 @@ def _quantize_and_save(
     from compensator import api
 
     t0 = time.perf_counter()
+    calibration = opts.pop("calib")
     qm = api.quantize(
-        model,
-        recipe,
-        calibration=opts["calib"],
-        calib_windows=opts["calib_windows"],
-        seqlen=opts["seqlen"],
-        seed=opts["seed"],
-        bits=opts["bits"],
-        group_size=opts["group_size"],
-        symmetric=opts["symmetric"],
-        rank=opts["rank"],
-        act_bits=opts["act_bits"],
-        epochs=opts["epochs"],
-        device=opts["device"],
-        batch_size=opts["batch_size"],
-        progress=progress,
-        resume=state,
-        trust_remote_code=opts["trust_remote_code"],
-        starved_experts=opts["starved_experts"],
+        model, recipe, calibration=calibration, progress=progress, resume=state, **opts
     )
     path = api.save(qm, out, force=force)
+    layers, seconds = len(qm.quantization_config["modules"]), time.perf_counter() - t0
     click.echo(
-        f"saved {path} ({len(qm.quantization_config['modules'])} quantized layers, {time.perf_counter() - t0:.1f}s)"
+        f"saved {path} ({layers} quantized layers, {seconds:.1f}s, peak RSS {peak_rss_mb():.0f} MB)"
     )
 
 
@@ -225,7 +132,7 @@ def _quantize_and_save(
     "--trust-remote-code", is_flag=True, help="Let a plain model run the Python code it ships."
 )
 @click.option("--no-progress", is_flag=True)
-@_friendly
+@friendly
 def eval_cmd(
     target: str,
     fp: str | None,
@@ -241,7 +148,7 @@ def eval_cmd(
     from compensator import api
 
     if no_progress:
-        _no_progress_bars()
+        no_progress_bars()
     result = api.evaluate(
         target,
         fp=fp,
@@ -301,7 +208,7 @@ _EXPORT_OPTION_OF = {
 )
 @click.option("--gguf-base", default=None, help="gguf: a GGUF of the base model (tokenizer).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@_friendly
+@friendly
 def export_cmd(
     checkpoint: str,
     fmt: str,
@@ -331,7 +238,7 @@ def export_cmd(
 
 
 @main.command()
-@_friendly
+@friendly
 def recipes() -> None:
     """List the preset recipes."""
     from compensator.recipes.recipe import load_recipe, preset_names
@@ -350,6 +257,29 @@ def _step_label(step: Any) -> str:
     return f"{step.name}({inner})" if inner else step.name
 
 
+@main.command("plan")
+@click.argument("model")
+@click.option("--recipe", default="gptq", show_default=True, help="Preset name or YAML file.")
+@scheme_options
+@click.option("--calib-windows", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--whole", is_flag=True, help="Plan a whole load (hub models, quarot-*).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -> None:
+    """Peak memory, disk and rough time of quantizing MODEL, from its config alone."""
+    from compensator.plan import format_plan, plan
+    from compensator.recipes.recipe import load_recipe
+
+    rec = load_recipe(recipe).with_weights(
+        bits=opts["bits"], group_size=opts["group_size"], symmetric=opts["symmetric"]
+    )
+    rec = rec.with_rank(opts["rank"]).with_act_bits(opts["act_bits"]).with_epochs(opts["epochs"])
+    p = plan(model, rec, opts["calib_windows"], opts["seqlen"], opts["batch_size"], whole)
+    click.echo(json.dumps(p) if as_json else format_plan(p))
+
+
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option(
@@ -359,13 +289,13 @@ def _step_label(step: Any) -> str:
     show_default=True,
     help="Comma-separated presets.",
 )
-@_scheme_options
+@scheme_options
 @click.option("--calib-windows", type=int, default=32, show_default=True)
 @click.option(
     "--windows", type=int, default=16, show_default=True, help="Eval windows of 512 tokens."
 )
 @click.option("--no-progress", is_flag=True)
-@_friendly
+@friendly
 def demo(
     model: str,
     recipe_names: str,
@@ -380,12 +310,7 @@ def demo(
     rows = run_demo(
         model,
         [r.strip() for r in recipe_names.split(",") if r.strip()],
-        bits=scheme["bits"],
-        group_size=scheme["group_size"],
-        symmetric=scheme["symmetric"],
-        rank=scheme["rank"],
-        act_bits=scheme["act_bits"],
-        epochs=scheme["epochs"],
+        **scheme,
         eval_windows=windows,
         calib_windows=calib_windows,
         progress=not no_progress,

@@ -83,6 +83,26 @@ def _moe_like(name: str, mlp: str) -> ArchSpec:
     )
 
 
+_DEEPSEEK_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj*", "self_attn.q_a_proj*", "self_attn.kv_a_proj_with_mqa"),
+    ("self_attn.q_b_proj*", "self_attn.kv_b_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_experts.gate_proj*",
+     "mlp.shared_experts.up_proj*", "mlp.gate_proj*", "mlp.up_proj*"),
+    ("mlp.experts.*.down_proj", "mlp.shared_experts.down_proj*", "mlp.down_proj*"),
+)  # fmt: skip
+
+
+def _deepseek_v3() -> ArchSpec:
+    """Multi-head latent attention (low-rank q and kv projections, each normed before its
+    up-projection; q_proj itself when q_lora_rank is unset), then a dense MLP in the first
+    blocks and routed plus shared experts after; ``*`` marks names only some blocks have."""
+    return ArchSpec(
+        name="deepseek_v3", blocks="model.layers", groups=_DEEPSEEK_GROUPS,
+        tails=("self_attn.o_proj",),
+    )  # fmt: skip
+
+
 # Gemma3ForConditionalGeneration keeps its text decoder at model.language_model.layers
 # (transformers 5.x); Gemma3ForCausalLM at model.layers. Either class may carry either config.
 _GEMMA3_ALT = "model.language_model.layers"
@@ -114,6 +134,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # (mlp_only_layers, decoder_sparse_step) match the plain mlp.* patterns instead.
     "qwen3_moe": _moe_like("qwen3_moe", "mlp"),
     "mixtral": _moe_like("mixtral", "mlp"),
+    "deepseek_v3": _deepseek_v3(),
     "opt": ArchSpec(
         name="opt",
         blocks="model.decoder.layers",

@@ -81,7 +81,7 @@ class LazyWeights:
         the files hold (named ``prefix + name`` there), except those inside ``skip``; each
         file is opened once for this call."""
         skipped = set() if skip is None else {id(t) for t in (*skip.parameters(), *skip.buffers())}
-        wanted: dict[Path, list[tuple[str, nn.Module, str]]] = {}
+        wanted: dict[str, tuple[nn.Module, str]] = {}
         for owner_name, owner in module.named_modules():
             for kind in ("_parameters", "_buffers"):
                 for local, t in getattr(owner, kind).items():
@@ -90,18 +90,26 @@ class LazyWeights:
                     full = prefix + ".".join(x for x in (owner_name, local) if x)
                     if full not in self.files or (kind == "_parameters" and not t.is_meta):
                         continue  # a tied weight (re-tied by the caller), or a computed buffer
-                    wanted.setdefault(self.files[full], []).append((full, owner, local))
-        for path, items in wanted.items():
+                    wanted[full] = (owner, local)
+        for full, t in self.read(list(wanted)):
+            owner, local = wanted[full]
+            if t.is_floating_point():
+                t = t.to(self.dtype)
+            if local in owner._parameters:
+                old = owner._parameters[local]
+                owner._parameters[local] = nn.Parameter(t, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[local] = t
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The named tensors as the files hold them, each file opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for path, some in by_file.items():
             with safe_open(str(path), framework="pt") as f:
-                for full, owner, local in items:
-                    t = f.get_tensor(full)
-                    if t.is_floating_point():
-                        t = t.to(self.dtype)
-                    if local in owner._parameters:
-                        old = owner._parameters[local]
-                        owner._parameters[local] = nn.Parameter(t, requires_grad=old.requires_grad)
-                    else:
-                        owner._buffers[local] = t
+                for name in some:
+                    yield name, f.get_tensor(name)
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -158,16 +166,16 @@ def has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
-def wants_lazy(lazy: bool | None, model: object, transforms: bool, has_state: bool) -> bool:
-    """Whether to open ``model`` lazily: asked for, or by default whenever it can be (a local
-    directory, a run state to write blocks to, no whole-model transform)."""
-    local_dir = isinstance(model, str | Path) and Path(model).expanduser().is_dir()
-    possible = local_dir and has_state and not transforms
+def wants_lazy(lazy: bool | None, local: bool, transforms: bool, has_state: bool) -> bool:
+    """Whether to open a model lazily: asked for, or by default whenever it can be (``local``
+    files: a safetensors directory or a GGUF; a run state to write blocks to; no whole-model
+    transform)."""
+    possible = local and has_state and not transforms
     if lazy is None:
         return possible
     if lazy and not possible:
         raise CompensatorError(
-            "lazy=True needs a local safetensors directory, a resume=DIR to write each "
+            "lazy=True needs a local safetensors directory or GGUF, a resume=DIR to write each "
             "finished block to, and a recipe without whole-model transforms (quarot-*)"
         )
     return lazy

@@ -30,6 +30,7 @@ from transformers import (
 
 from compensator.errors import CompensatorError
 from compensator.models.lazy import LazyWeights
+from compensator.models.lazy_gguf import GGUFWeights
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,14 @@ def builtin_models() -> list[str]:
     return sorted(_BUILTINS)
 
 
+def local_files(model: object) -> bool:
+    """Whether ``model`` names files that can be read tensor by tensor: a local directory, a
+    .gguf file or a built-in model."""
+    if not isinstance(model, str | Path):
+        return False
+    return Path(model).expanduser().is_dir() or gguf_source(str(model)) is not None
+
+
 def gguf_source(name_or_path: str) -> Path | None:
     """The GGUF file a model source names (a built-in model or a .gguf path), else None."""
     if name_or_path in _BUILTINS:
@@ -105,14 +114,14 @@ def load_model(
     start = time.perf_counter()
     path = Path(name_or_path).expanduser()
     if name_or_path in _BUILTINS:
-        loaded = _load_gguf(_BUILTINS[name_or_path](), dtype, source=name_or_path)
+        loaded = _load_gguf(_BUILTINS[name_or_path](), dtype, source=name_or_path, lazy=lazy)
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise CompensatorError(
                 f"'{name_or_path}' is a file but not a .gguf; pass a .gguf file or the "
                 "directory holding config.json and *.safetensors"
             )
-        loaded = _load_gguf(path.resolve(), dtype, source=str(path.resolve()))
+        loaded = _load_gguf(path.resolve(), dtype, source=str(path.resolve()), lazy=lazy)
     elif path.is_dir():
         loaded = _load_dir(path.resolve(), dtype, trust_remote_code, lazy)
     elif _HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path:
@@ -136,19 +145,34 @@ def load_model(
     return loaded
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
-    # transformers dequantizes GGUF tensors into a regular float model.
-    gguf_kw: dict[str, Any] = {"gguf_file": path.name}
-    logger.info("loading GGUF %s (dequantizing to %s)", path, dtype)
+def _load_gguf(path: Path, dtype: torch.dtype, *, source: str, lazy: bool = False) -> LoadedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **gguf_kw)
+        if lazy:
+            loaded = _open_gguf_lazily(path, dtype, source)
+            if loaded is not None:
+                return loaded
+        logger.info("loading GGUF %s (dequantizing to %s)", path, dtype)
+        # transformers dequantizes GGUF tensors into a regular float model.
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, gguf_file=path.name)
     except (OSError, ValueError, struct.error, IndexError, KeyError) as err:  # gguf's reader
         raise CompensatorError(
             f"cannot load GGUF file '{path}': {_summary(err)}; check the file is a complete "
             "GGUF of an architecture transformers supports"
         ) from err
-    tokenizer = _load_tokenizer(path.parent, where=str(path), **gguf_kw)
+    tokenizer = _load_tokenizer(path.parent, where=str(path), gguf_file=path.name)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _open_gguf_lazily(path: Path, dtype: torch.dtype, source: str) -> LoadedModel | None:
+    """The GGUF opened block by block, or None where its tensors do not map one to one."""
+    # The tokenizer first: reading its header is where a damaged file fails (struct.error).
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = _open_lazily(path, dtype, False, tokenizer, source=source)
+    assert isinstance(loaded.weights, GGUFWeights)
+    if loaded.weights.one_to_one():
+        return loaded
+    logger.info("%s: its GGUF tensors do not map one to one; loading it whole", path)
+    return None
 
 
 def _load_dir(
@@ -201,13 +225,21 @@ def _load_dir(
 
 
 def _open_lazily(
-    path: Path, dtype: torch.dtype, trust_remote_code: bool, tokenizer: PreTrainedTokenizerBase
+    path: Path,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str | None = None,
 ) -> LoadedModel:
+    """``path``: a safetensors directory, or a .gguf file."""
     from accelerate import init_empty_weights
 
-    weights = LazyWeights(path, dtype)
+    gguf = path.is_file()
+    where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name} if gguf else {
+        "pretrained_model_name_or_path": path
+    }  # fmt: skip
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(**where, trust_remote_code=trust_remote_code)
         # Buffers (rotary frequencies) are computed on CPU as usual; only parameters are empty.
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
@@ -216,7 +248,10 @@ def _open_lazily(
     except (OSError, ValueError, KeyError) as err:
         raise CompensatorError(f"cannot build the model of '{path}': {_summary(err)}") from err
     model.tie_weights()  # lm_head is the embedding when the config ties them (not in the files)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), weights=weights)
+    weights = GGUFWeights(path, dtype, model) if gguf else LazyWeights(path, dtype)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=source or str(path), weights=weights
+    )
 
 
 def _refuse_encoder(config: Any, path: Path) -> None:

@@ -74,7 +74,7 @@ class ExpertLinears(nn.ModuleList):
 # The fused experts classes whose forward is exactly Expert's routing arithmetic (checked in
 # transformers 5.24): others (clamped gates, post-expert norms, two-argument activations,
 # float32 gating) keep their own module and are refused before the run, by name.
-PLAIN_EXPERTS = frozenset({"Qwen3MoeExperts", "MixtralExperts"})
+PLAIN_EXPERTS = frozenset({"Qwen3MoeExperts", "MixtralExperts", "DeepseekV3Experts"})
 
 
 def _fused_layout(module: nn.Module) -> tuple[int, int, int] | None:

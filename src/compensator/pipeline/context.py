@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from compensator.pipeline.streams import Stream, block_output, run_block, to_device
+from compensator.pipeline.storage import Storage
+from compensator.pipeline.streams import PARK, Stream, block_output, run_block, to_device
 from compensator.types import BlockContext, NextBlock, RotationLayout
 
 
@@ -26,7 +27,7 @@ def block_context(
     fp_inputs: list[dict[str, torch.Tensor]],
     next_kwargs: list[dict[str, Any]] | None,
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
     open_block: Callable[[int], AbstractContextManager[None]] = lambda i: nullcontext(),
 ) -> BlockContext:
     """``open_block(j)`` holds block ``j``'s weights in memory while it is entered (they may
@@ -53,7 +54,7 @@ def block_context(
                 targets = run_block(nxt, Stream(fp_out, next_kwargs), device, storage)
                 yield NextBlock(nxt, next_kwargs, targets)
             finally:
-                blocks[index + 1] = nxt.to(storage)
+                blocks[index + 1] = nxt.to(PARK)
 
     return BlockContext(
         index=index,

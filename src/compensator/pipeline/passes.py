@@ -13,6 +13,7 @@ from torch import nn
 from compensator.nn.experts import routed_linears
 from compensator.nn.rotated import rotate_input
 from compensator.pipeline.stats import STATISTICS, StatsAccumulator
+from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import BatchReuse, Stream, capture_linear_inputs, run_block
 from compensator.quant.act import ActSpec
 from compensator.steps.base import StepConfig
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def fp_pass(
-    block: nn.Module, names: list[str], stream: Stream, device: torch.device, storage: torch.device
+    block: nn.Module, names: list[str], stream: Stream, device: torch.device, storage: Storage
 ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """Run the still-FP block on the FP stream: every Linear's input, and its outputs.
 
@@ -48,7 +49,7 @@ def fp_pass(
             stored: dict[int, torch.Tensor] = {}
             for x in seen.values():
                 if id(x) not in stored:
-                    stored[id(x)] = x.to(storage)
+                    stored[id(x)] = storage.put(x)
             inputs.append({n: stored[id(x)] for n, x in seen.items()})
     finally:
         for h in handles:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import to_device
 
 
@@ -48,7 +49,7 @@ class PassReuse:
         block: nn.Module,
         linear_names: Collection[str],
         tails: Collection[str],
-        storage: torch.device,
+        storage: Storage,
     ) -> None:
         self.block = block
         self.storage = storage
@@ -106,7 +107,7 @@ class PassReuse:
             with torch.no_grad():
                 y = tail(sub.tail_inputs.pop(b).to(device))
             # Attention modules return (output, attention weights); the blocks drop the weights.
-            out = (y.to(self.storage), None)
+            out = (self.storage.put(y), None)
             if not self.last_pass:
                 sub.outputs[b] = out
         else:
@@ -121,12 +122,12 @@ class PassReuse:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if sub.tail is not None:  # (output, attention weights): the weights are dropped
                 out = (out[0], None)
-            sub.outputs[b] = to_device(out, self.storage)
+            sub.outputs[b] = self.storage.tree(out)
 
         return hook
 
     def _keep_tail_input(self, sub: _Sublayer, b: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            sub.tail_inputs[b] = args[0].to(self.storage)
+            sub.tail_inputs[b] = self.storage.put(args[0])
 
         return hook

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,61 +38,18 @@ from compensator.models.lazy import LazyWeights, materialized
 from compensator.nn.layers import keep_dense
 from compensator.pipeline.context import block_context
 from compensator.pipeline.coverage import check_block_quantized
+from compensator.pipeline.declared import Declared
 from compensator.pipeline.memory import return_freed_memory
 from compensator.pipeline.passes import StarvedExperts, fp_pass, group_stats
 from compensator.pipeline.report import PipelineReport, Timer, log_report
 from compensator.pipeline.resume import RunState
 from compensator.pipeline.reuse import PassReuse
 from compensator.pipeline.solve import solve_group
-from compensator.pipeline.streams import Stream, capture_block_inputs, run_block
+from compensator.pipeline.storage import Storage, StreamsAt, storage_for
+from compensator.pipeline.streams import PARK, Stream, capture_block_inputs, run_block
 from compensator.recipes.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-
-def _fast_bfloat16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@dataclass
-class _Plan:
-    """What the recipe's declarations ask of the engine."""
-
-    stat_names: set[str]
-    keep_fp: bool
-    fp_low: bool
-    needs_data: bool
-    batch_size: int
-    starved_experts: StarvedExperts = "all-tokens"
-    reuse_passes: bool = True
-
-    @classmethod
-    def of(
-        cls,
-        recipe: Recipe,
-        batch_size: int,
-        device: torch.device,
-        starved_experts: StarvedExperts = "all-tokens",
-        reuse_passes: bool = True,
-    ) -> _Plan:
-        fp_steps = [s for s in recipe.steps if s.needs_fp_stream()]
-        fp_low = bool(fp_steps) and all(s.fp_stream_low_precision() for s in fp_steps)
-        if fp_low and not _fast_bfloat16(device):
-            log.warning(
-                "the recipe computes the FP stream in bfloat16, which this %s has no fast "
-                "matrix units for; set fp_precision: float32 in its steps if it is slow",
-                device.type,
-            )
-        asked = [b for s in recipe.steps if (b := s.calibration_batch_size()) is not None]
-        return cls(
-            recipe.stats(), bool(fp_steps), fp_low, recipe.needs_data(),
-            (asked or [batch_size])[0], starved_experts, reuse_passes,
-        )  # fmt: skip
 
 
 def run_pipeline(
@@ -107,6 +65,8 @@ def run_pipeline(
     reuse_passes: bool = True,
     starved_experts: StarvedExperts = "all-tokens",
     weights: LazyWeights | None = None,
+    streams: StreamsAt = "auto",
+    offload_dir: str | Path | None = None,
 ) -> PipelineReport:
     """Quantize ``model`` in place: its block Linears become quantized layers.
 
@@ -117,13 +77,42 @@ def run_pipeline(
     an expert that calibration routes too few tokens to (:func:`group_stats`). With
     ``weights`` (a lazily opened model, whose blocks are on the meta device) each block is read
     in only while it is quantized and goes back to the meta device once written to
-    ``state``, which is then required."""
+    ``state``, which is then required. ``streams`` is where calibration activations rest
+    (:mod:`compensator.pipeline.storage`; on disk under ``offload_dir``, by default the run
+    state's directory)."""
     report = PipelineReport()
     t_start = time.perf_counter()
-    blocks = adapter.blocks(model)
     _prepare(model, adapter, recipe, weights, state)
-    plan = _Plan.of(recipe, batch_size, device, starved_experts, reuse_passes)
-    storage = torch.device("cpu")
+    plan = Declared.of(recipe, batch_size, device, starved_experts, reuse_passes)
+    if offload_dir is None and state is not None:
+        offload_dir = state.directory
+    storage = storage_for(
+        model, input_ids, plan.keep_fp, plan.reuse_passes, device, streams, offload_dir
+    )
+    try:
+        _run_blocks(model, adapter, recipe, input_ids, plan, device, storage, report, progress,
+                    state, weights)  # fmt: skip
+    finally:
+        storage.close()
+    report.seconds["total"] = time.perf_counter() - t_start
+    log_report(report)
+    return report
+
+
+def _run_blocks(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    recipe: Recipe,
+    input_ids: torch.Tensor | None,
+    plan: Declared,
+    device: torch.device,
+    storage: Storage,
+    report: PipelineReport,
+    progress: bool,
+    state: RunState | None,
+    weights: LazyWeights | None,
+) -> None:
+    blocks = adapter.blocks(model)
     q_stream, block_kwargs = _capture(model, blocks, input_ids, plan, device, storage, report)
     # Measured: feeding D from half of the batches cost 7.8 ppl at W3 (GPTQ-exact 59.5 ->
     # 67.3), so the FP stream always carries every batch.
@@ -164,18 +153,15 @@ def run_pipeline(
         return_freed_memory()
         q_stream, fp_hidden = streams.q, streams.fp_next
         bar.set_postfix(block_s=f"{time.perf_counter() - t_block:.1f}", **postfix)
-    report.seconds["total"] = time.perf_counter() - t_start
-    log_report(report)
-    return report
 
 
 def _capture(
     model: nn.Module,
     blocks: nn.ModuleList,
     input_ids: torch.Tensor | None,
-    plan: _Plan,
+    plan: Declared,
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
     report: PipelineReport,
 ) -> tuple[Stream | None, list[list[dict[str, Any]]]]:
     """The quantized stream entering block 0, and every block's keyword arguments (none
@@ -223,12 +209,12 @@ def _restore_finished(
     state: RunState,
     blocks: nn.ModuleList,
     adapter: ModelAdapter,
-    plan: _Plan,
+    plan: Declared,
     q_stream: Stream | None,
     fp_hidden: list[torch.Tensor] | None,
     block_kwargs: list[list[dict[str, Any]]],
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
     report: PipelineReport,
     opener: Callable[[int], AbstractContextManager[None]],
 ) -> tuple[Stream | None, list[torch.Tensor] | None]:
@@ -278,10 +264,10 @@ def _quantize_block(
     blocks: nn.ModuleList,
     adapter: ModelAdapter,
     recipe: Recipe,
-    plan: _Plan,
+    plan: Declared,
     streams: _Streams,
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
     report: PipelineReport,
     opener: Callable[[int], AbstractContextManager[None]],
 ) -> tuple[dict[str, str], dict[str, Any]]:
@@ -342,7 +328,7 @@ def _quantize_block(
     streams.fp_next = fp_out
     keep_dense(block, False)
     check_block_quantized(block, adapter.block_prefix(i))
-    blocks[i] = block.to(storage)
+    blocks[i] = block.to(PARK)
     report.blocks += 1
     return progress, block_report
 
@@ -351,10 +337,10 @@ def _restore_block(
     i: int,
     blocks: nn.ModuleList,
     adapter: ModelAdapter,
-    plan: _Plan,
+    plan: Declared,
     streams: _Streams,
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
     report: PipelineReport,
     state: RunState,
 ) -> None:
@@ -371,7 +357,7 @@ def _restore_block(
         streams.q = streams.q.replaced(run_block(block, streams.q, device, storage))
     streams.fp_next = fp_out
     keep_dense(block, False)
-    blocks[i] = block.to(storage)
+    blocks[i] = block.to(PARK)
     report.blocks += 1
     report.quantized_layers += [f"{adapter.block_prefix(i)}.{n}" for n in restored.layers]
     for key, value in restored.report.items():

@@ -15,12 +15,13 @@ from torch import nn
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.models.adapter import ModelAdapter
 from compensator.models.checks import check_finite_weights
-from compensator.models.lazy import LazyWeights
-from compensator.models.loading import LoadedModel, load_model
+from compensator.models.lazy import LazyWeights, wants_lazy
+from compensator.models.loading import LoadedModel, load_model, local_files
 from compensator.pipeline.coverage import split_experts
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState, run_fingerprint
 from compensator.pipeline.runner import PipelineReport, run_pipeline
+from compensator.pipeline.storage import StreamsAt
 from compensator.recipes.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class PipelineRun:
     version: str  # compensator's, part of the fingerprint
     starved_experts: StarvedExperts | None = None  # None: the model has no experts
     weights: LazyWeights | None = None  # a lazily opened model's files
+    streams: StreamsAt = "auto"
+    offload_dir: str | Path | None = None
 
     def pipeline(
         self,
@@ -64,6 +67,7 @@ class PipelineRun:
                 net, adapter, rec, input_ids, device=self.device, batch_size=self.batch_size,
                 progress=self.progress, state=self.state,
                 starved_experts=self.starved_experts or "all-tokens", weights=self.weights,
+                streams=self.streams, offload_dir=self.offload_dir,
             )  # fmt: skip
         except KeyboardInterrupt:
             if self.state is None:
@@ -94,12 +98,15 @@ def open_model(
     tokenizer: Any,
     rec: Recipe,
     trust_remote_code: bool,
-    lazy: bool,
+    lazy: bool | None,
     inplace: bool,
-    asked_lazy: bool = False,
+    has_state: bool,
 ) -> tuple[LoadedModel, nn.Module, list[str]]:
     """The loaded model, the network to quantize (a copy of an object unless ``inplace``),
-    and its experts (split into Linears): read lazily when asked and its files allow."""
+    and its experts (split into Linears): read lazily when asked (``lazy`` True) or by
+    default (None) where its files, ``has_state`` and the recipe allow."""
+    asked_lazy = lazy is True
+    lazy = wants_lazy(lazy, local_files(model), bool(rec.transforms), has_state)
     loaded = as_loaded(model, tokenizer, trust_remote_code, lazy)
     in_memory = not isinstance(model, str | Path)
     net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
@@ -109,5 +116,5 @@ def open_model(
         # Asked for explicitly, the whole load may not fit: say so louder.
         say = log.warning if asked_lazy else log.info
         say("%s: cannot read it block by block (%s); loading it whole", model, why)
-        return open_model(model, tokenizer, rec, trust_remote_code, False, inplace)
+        return open_model(model, tokenizer, rec, trust_remote_code, False, inplace, has_state)
     return loaded, net, experts

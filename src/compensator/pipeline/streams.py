@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 from compensator.nn.rotated import rotate_input
+from compensator.pipeline.storage import Storage
+
+# Where blocks and the weights outside them wait while another block is worked on.
+PARK = torch.device("cpu")
 
 
 class StopForward(Exception):
@@ -73,7 +77,7 @@ def capture_block_inputs(
     *,
     batch_size: int,
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
 ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
     """Block 0's inputs per batch, and the keyword arguments the model passes to *each* block.
 
@@ -93,12 +97,12 @@ def capture_block_inputs(
         def forward(*args: Any, **kw: Any) -> Any:
             h = args[0] if args else kw.pop("hidden_states")
             if index == 0:
-                hidden.append(h.to(storage))
+                hidden.append(storage.put(h))
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
             kw["use_cache"] = False
             if index == 0:
                 memo.clear()  # a new batch
-            per_block[index].append(to_device(kw, storage, memo))
+            per_block[index].append(to_device(kw, storage.device, memo))
             if index == len(blocks) - 1:
                 raise StopForward
             return h
@@ -115,7 +119,7 @@ def capture_block_inputs(
     finally:
         for block in blocks:
             del block.forward
-        _move_outside(model, blocks, storage)
+        _move_outside(model, blocks, PARK)
     return hidden, per_block
 
 
@@ -138,13 +142,13 @@ def run_block(
     block: nn.Module,
     stream: Stream,
     device: torch.device,
-    storage: torch.device,
+    storage: Storage,
     reuse: BatchReuse | None = None,
 ) -> list[torch.Tensor]:
     out = []
     for b, (h, kw) in enumerate(zip(stream.hidden, stream.kwargs, strict=True)):
         with _batch(reuse, b, device):
-            out.append(block_output(block(h.to(device), **to_device(kw, device))).to(storage))
+            out.append(storage.put(block_output(block(h.to(device), **to_device(kw, device)))))
     return out
 
 

@@ -1,0 +1,98 @@
+"""What the command line's commands share: one-line errors, logging, the scheme options."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from compensator.errors import CompensatorError
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    # transformers' own INFO chatter drowns ours.
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def no_progress_bars() -> None:
+    """--no-progress also silences transformers' own bars (e.g. "Loading weights")."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CompensatorError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt as e:
+            click.echo(str(e) or "interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class RankType(click.ParamType):
+    name = "rank"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        from compensator.correctors.lowrank import parse_rank
+
+        try:
+            return parse_rank(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(
+        [
+            click.option(
+                "--bits",
+                type=click.IntRange(2, 8),
+                default=None,
+                help="Weight bits (overrides the recipe).",
+            ),
+            click.option(
+                "--group-size",
+                type=int,
+                default=None,
+                help="Columns per group; -1 for per-channel.",
+            ),
+            click.option(
+                "--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric weights."
+            ),
+            click.option(
+                "--rank",
+                type=RankType(),
+                default=None,
+                help="Rank of the recipe's low-rank corrector: components (16) or a share of each layer's parameters (30%).",
+            ),
+            click.option(
+                "--act-bits",
+                type=click.IntRange(2, 16),
+                default=None,
+                help="Per-token dynamic activation bits (8: W4A8, 4: W4A4; 16 turns it off).",
+            ),
+            click.option(
+                "--epochs",
+                type=click.IntRange(0),
+                default=None,
+                help="Training epochs per block of a learned recipe (omniquant, lsi, sde, sde-cll).",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
