@@ -118,6 +118,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def model_dir_like(tiny_dir: Path, directory: Path, **model: Any) -> Path:
+    """A saved ``tiny_llama(**model)`` in ``directory`` with ``tiny_dir``'s tokenizer and texts."""
+    tiny_llama(**model).save_pretrained(directory, safe_serialization=True)
+    for f in tiny_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".txt":
+            (directory / f.name).write_bytes(f.read_bytes())
+    return directory
+
+
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record (and refuse) any model load, for errors that must come before it."""

@@ -138,3 +138,64 @@ def plan_table(where: Path) -> str:
 def test_the_docs_table_is_what_the_code_computes(tmp_path: Path) -> None:
     table = plan_table(tmp_path)
     assert table in DOCS.read_text(), f"regenerate docs/big-models.md's plan table:\n{table}"
+
+
+DIST_DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+
+
+def test_exchange_follows_the_engines_rules() -> None:
+    from compensator.pipeline.exchange import exchange
+    from compensator.pipeline.footprint import ModelShape, RunShape
+
+    shape = ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+                       vocab=128, tied=True)  # fmt: skip
+    x = exchange(shape, RunShape(windows=8, seqlen=32), 2, group_size=16)
+    # q/k/v, o, gate/up read 64-wide inputs, down a 96-wide one: one float32 H each
+    assert x["all_reduce_bytes_per_block"] == 4 * (3 * 64 * 64 + 96 * 96)
+    assert x["all_reduce_traffic_per_rank"] == x["all_reduce_bytes_per_block"]  # 2 (N-1)/N = 1
+    weights = shape.linear_params(False)
+    assert x["broadcast_bytes_per_block"] == int(weights * (1 + 8 / 16))
+    assert [g["split"] for g in x["groups"]] == ["rows"] * 4  # one set per group < 2 ranks
+    # each share inverts its Hessian again: less than 2x, more than 1x
+    assert 1.2 < x["rounding_speedup"] < 2.0
+    down = x["groups"][3]  # 64 rows over 2 ranks, the 96^3 inverse on both
+    assert down["speedup"] == pytest.approx((2 * 64 * 96**2 + 96**3) / (2 * 32 * 96**2 + 96**3))
+    moe = ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+                     vocab=128, tied=True, experts=3, expert_intermediate=32,
+                     experts_per_token=1)  # fmt: skip
+    y = exchange(moe, RunShape(windows=8, seqlen=32), 2, group_size=16)
+    experts = [g for g in y["groups"] if g["count"] == 3]
+    assert [g["split"] for g in experts] == ["whole sets"] * 2
+    assert all(g["imbalance"] == pytest.approx(4 / 3) for g in experts)  # 2 + 1 of 3 sets
+
+
+def distributed_table(where: Path) -> str:
+    """docs/distributed.md's table: Llama-3-70B, GPTQ and gptaq-exact W4 g128, 128 x 2048."""
+    rows = [
+        "| ranks | recipe | per-rank CPU peak | per-rank GPU peak (streams on GPU) "
+        "| all-reduced per block | sent per rank per block | broadcast per block "
+        "| rounding speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    model = str(_llama3("Llama-3-70B", where))
+    for ranks in (1, 8):
+        for recipe in ("gptq", "gptaq-exact"):
+            p = plan(model, load_recipe(recipe), 128, 2048, ranks=ranks)
+            x = p.get("ranks")
+            gb = lambda v: f"{v / 1e9:.2f} GB"  # noqa: E731
+            rows.append(
+                f"| {ranks} | {recipe} | {gb(p['cpu']['peak'])} | {gb(p['cuda']['peak'])} | "
+                + (
+                    f"{gb(x['all_reduce_bytes_per_block'])} | "
+                    f"{gb(x['all_reduce_traffic_per_rank'])} | "
+                    f"{gb(x['broadcast_bytes_per_block'])} | {x['rounding_speedup']:.2f}x |"
+                    if x
+                    else "- | - | - | 1x |"
+                )
+            )
+    return "\n".join(rows)
+
+
+def test_the_distributed_docs_table_is_what_the_code_computes(tmp_path: Path) -> None:
+    table = distributed_table(tmp_path)
+    assert table in DIST_DOCS.read_text(), f"regenerate docs/distributed.md's table:\n{table}"

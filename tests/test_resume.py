@@ -15,19 +15,14 @@ from compensator import api
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.io.atomic import state_dir
 from compensator.pipeline.resume import RunState
-from conftest import tiny_llama
+from conftest import model_dir_like
 
 CALIB = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(3))
 
 
 def _tiny_dir(tmp_path: Path, tiny_dir: Path) -> Path:
     """A 4-block model (more blocks than the session one, so a run can stop in the middle)."""
-    directory = tmp_path / "model"
-    tiny_llama(layers=4, seed=5).save_pretrained(directory, safe_serialization=True)
-    for f in tiny_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.suffix == ".txt":
-            (directory / f.name).write_bytes(f.read_bytes())
-    return directory
+    return model_dir_like(tiny_dir, tmp_path / "model", layers=4, seed=5)
 
 
 def _stop_after(monkeypatch: pytest.MonkeyPatch, blocks: int) -> list[int]:

@@ -43,6 +43,7 @@ from compensator.models.fingerprint import (
 from compensator.models.lazy import has_meta_tensors
 from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
+from compensator.parallel import SOLO, Ranks, current
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState
 from compensator.pipeline.session import PipelineRun, open_model
@@ -63,6 +64,7 @@ class QuantizedModel:
     # The run state its blocks were written to; removed once the model is saved.
     state: RunState | None = field(default=None, repr=False)
     blocks: str = ""  # where its decoder blocks are (model.layers)
+    ranks: Ranks = SOLO  # the data-parallel run it came from: only the main rank saves
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -107,6 +109,7 @@ def quantize(
     lazy: bool | None = None,
     streams: StreamsAt = "auto",
     offload_dir: str | Path | None = None,
+    ranks: Ranks | None = None,
 ) -> QuantizedModel:
     """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
 
@@ -129,17 +132,16 @@ def quantize(
     each block only while it is quantized; the result can then only be saved. ``streams``:
     where calibration activations rest ("device", "cpu", "disk": memory-mapped under
     ``offload_dir``, default the ``resume`` dir; "auto" picks from free memory). All:
-    docs/big-models.md."""
+    docs/big-models.md. Under torchrun (``ranks``: by default the torch.distributed group
+    this process is in) the run is data-parallel: docs/distributed.md."""
     rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
     rec = rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs)
     check_group_size(group_size)
     if rec.needs_data() and not isinstance(calibration, torch.Tensor):
         check_calibration_size(calib_windows, seqlen)
-    dev = resolve_device(device)
+    dev, ranks = resolve_device(device), ranks or current()
     with ExitStack() as stack:
-        state = resume
-        if resume is not None and not isinstance(resume, RunState):
-            state = stack.enter_context(RunState.open(resume, restart=restart))
+        state = _run_state(stack, resume, restart, ranks)
         in_memory = not isinstance(model, str | Path)
         loaded, net, experts = open_model(
             model, tokenizer, rec, trust_remote_code, lazy, inplace, state is not None
@@ -151,7 +153,7 @@ def quantize(
         starved = starved_experts if experts else None
         run = PipelineRun(
             rec, dev, batch_size, progress, state, __version__, starved, loaded.weights,
-            streams, offload_dir,
+            streams, offload_dir, ranks,
         )  # fmt: skip
         base_fp = _base_fingerprint(loaded, net, in_memory)
         report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, ids, calib_info)
@@ -159,8 +161,19 @@ def quantize(
     qconfig["base_model_fingerprint"] = base_fp
     qconfig |= {"experts": {"layout": "unfused", "starved": starved_experts}} if experts else {}
     return QuantizedModel(
-        net, loaded.tokenizer, qconfig, report.to_dict(), run.state, adapter.arch.blocks
+        net, loaded.tokenizer, qconfig, report.to_dict(), run.state, adapter.arch.blocks, ranks
     )
+
+
+def _run_state(
+    stack: ExitStack, resume: str | Path | RunState | None, restart: bool, ranks: Ranks
+) -> RunState | None:
+    """The run state to keep finished blocks in: locked by the main rank, read by others."""
+    if resume is None or isinstance(resume, RunState):
+        return resume
+    if not ranks.main:
+        return RunState.follow(resume)
+    return stack.enter_context(RunState.open(resume, restart=restart))
 
 
 def _base_fingerprint(loaded: LoadedModel, net: nn.Module, in_memory: bool) -> dict[str, Any]:
@@ -239,7 +252,10 @@ def save(
     **options: Any,
 ) -> Path:
     """Write ``qmodel`` to ``out`` as a native checkpoint, or in another registered format
-    (``compressed-tensors``, ``gguf``; see compensator.io) with that format's ``options``."""
+    (``compressed-tensors``, ``gguf``; see compensator.io) with that format's ``options``.
+    In a data-parallel run only the main rank writes; the others return ``out`` at once."""
+    if not qmodel.ranks.main:
+        return Path(out)
     on_disk = has_meta_tensors(qmodel.model)
     if on_disk and (qmodel.state is None or format != "native" or options):
         raise CompensatorError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import click
 from compensator import __version__
 from compensator.cli_options import friendly, no_progress_bars, scheme_options, setup_logging
 from compensator.errors import CompensatorError, RunInterrupted
+from compensator.parallel import launched
 from compensator.pipeline.memory import fix_mmap_threshold, peak_rss_mb
 
 log = logging.getLogger("compensator")
@@ -28,7 +30,10 @@ log = logging.getLogger("compensator")
 @click.version_option(__version__, package_name="compensator")  # works uninstalled too
 def main(verbose: int, quiet: bool, threads: int | None) -> None:
     """Post-training quantization of LLMs that compensates quantization error."""
-    setup_logging(verbose, quiet)
+    follower = launched() and os.environ.get("RANK", "0") != "0"
+    setup_logging(verbose, quiet or follower)  # under torchrun the main rank speaks
+    if follower:
+        no_progress_bars()
     fix_mmap_threshold()  # freed tensors go back to the system: docs/big-models.md
     if threads:
         import torch
@@ -81,20 +86,31 @@ def quantize(
     """Quantize MODEL (built-in name, HF directory, .gguf file or hub id) and save it to --out.
 
     Finished blocks are kept in <out>.partial until the checkpoint is saved: after a crash,
-    kill or Ctrl-C the same command resumes where the run stopped."""
+    kill or Ctrl-C the same command resumes where the run stopped.
+
+    Under torchrun (torchrun --nproc-per-node N -m compensator quantize ...) the run is
+    data-parallel over the N processes and rank 0 writes the checkpoint: docs/distributed.md."""
+    from compensator.api import resolve_device
     from compensator.io.atomic import check_out, state_dir
+    from compensator.parallel import process_group, rank_device
     from compensator.pipeline.resume import RunState
 
     check_out(out, force, protect=(model,))  # fail before the expensive part
     if no_progress:
         no_progress_bars()
-    with RunState.open(state_dir(out), restart=restart) as state:
-        try:
-            _quantize_and_save(model, recipe, out, force, state, not no_progress, opts)
-        except RunInterrupted:
-            raise
-        except KeyboardInterrupt:  # while saving: every block is kept
-            raise RunInterrupted(state.interrupted_message()) from None
+    opts["device"] = rank_device(resolve_device(opts["device"]))
+    with process_group(opts["device"]) as ranks:
+        if not ranks.main:  # the main rank locks and writes the state; the others read it
+            state = RunState.follow(state_dir(out))
+            _quantize_and_save(model, recipe, out, force, state, False, opts)
+            return
+        with RunState.open(state_dir(out), restart=restart) as state:
+            try:
+                _quantize_and_save(model, recipe, out, force, state, not no_progress, opts)
+            except RunInterrupted:
+                raise
+            except KeyboardInterrupt:  # while saving: every block is kept
+                raise RunInterrupted(state.interrupted_message()) from None
 
 
 def _quantize_and_save(
@@ -114,6 +130,8 @@ def _quantize_and_save(
         model, recipe, calibration=calibration, progress=progress, resume=state, **opts
     )
     path = api.save(qm, out, force=force)
+    if not qm.ranks.main:
+        return
     layers, seconds = len(qm.quantization_config["modules"]), time.perf_counter() - t0
     click.echo(
         f"saved {path} ({layers} quantized layers, {seconds:.1f}s, peak RSS {peak_rss_mb():.0f} MB)"
@@ -265,6 +283,7 @@ def _step_label(step: Any) -> str:
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--whole", is_flag=True, help="Plan a whole load (hub models, quarot-*).")
+@click.option("--ranks", type=click.IntRange(1), default=1, help="Data-parallel ranks (torchrun).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
 def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -> None:
@@ -276,7 +295,10 @@ def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -
         bits=opts["bits"], group_size=opts["group_size"], symmetric=opts["symmetric"]
     )
     rec = rec.with_rank(opts["rank"]).with_act_bits(opts["act_bits"]).with_epochs(opts["epochs"])
-    p = plan(model, rec, opts["calib_windows"], opts["seqlen"], opts["batch_size"], whole)
+    p = plan(
+        model, rec, opts["calib_windows"], opts["seqlen"], opts["batch_size"], whole,
+        opts["ranks"],
+    )  # fmt: skip
     click.echo(json.dumps(p) if as_json else format_plan(p))
 
 

@@ -35,13 +35,55 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except CompensatorError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error{_where()}: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             click.echo(str(e) or "interrupted; no output was written", err=True)
             sys.exit(130)
+        except Exception as e:
+            if not _from_other_rank(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(
+                f"error{_where()}: another rank of the run stopped or cannot be reached; its "
+                f"own error above says why ({first[:200]})",
+                err=True,
+            )
+            sys.exit(1)
 
     return wrapper
+
+
+def _where() -> str:
+    """ " (rank R of W)" under torchrun: which process of the run says it."""
+    from compensator.parallel import rank_label
+
+    label = rank_label()
+    return f" ({label})" if label else ""
+
+
+def _from_other_rank(e: Exception) -> bool:
+    """Whether ``e`` is torch.distributed's report of a peer that went away."""
+    from compensator.parallel import launched
+
+    if not launched():
+        return False
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(m in text for m in _PEER_GONE)
+    )
+
+
+# How gloo and nccl report a peer that went away (torch 2.13 raises a plain RuntimeError).
+_PEER_GONE = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "gloo/transport",
+    "NCCL communicator was aborted",
+)
 
 
 class RankType(click.ParamType):

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compensator.parallel import SOLO, Ranks
+
 # An online rotation of a Linear's input, K = L (x) R kept as its two factors.
 Rotation = tuple[torch.Tensor, torch.Tensor]
 
@@ -156,3 +158,5 @@ class BlockContext:
     fixed: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, str] = field(default_factory=dict)
+    # The ranks of a data-parallel run: the streams hold this rank's share of each batch.
+    ranks: Ranks = SOLO

@@ -11,6 +11,7 @@ import torch
 
 from compensator.learn.learners import Fixed, LearnContext, Learner, final_params
 from compensator.learn.trainer import TrainResult, TrainSettings, fold, train_block
+from compensator.parallel import SOLO, Ranks
 from compensator.quant.act import ActSpec
 from compensator.quant.spec import QuantSpec
 from compensator.quant.vq import VQSpec
@@ -22,9 +23,10 @@ Builder = Callable[[LearnContext], Learner]
 
 
 def input_stats(
-    fp_linear_inputs: list[dict[str, torch.Tensor]], device: torch.device
+    fp_linear_inputs: list[dict[str, torch.Tensor]], device: torch.device, ranks: Ranks = SOLO
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per Linear input feature: max |x| and mean x^2 (diag(X^T X) / n), over all batches."""
+    """Per Linear input feature: max |x| and mean x^2 (diag(X^T X) / n), over all batches
+    (of every rank)."""
     absmax: dict[str, torch.Tensor] = {}
     sq: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
@@ -35,11 +37,15 @@ def input_stats(
             absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
             sq[name] = s if name not in sq else sq[name] + s
             rows[name] = rows.get(name, 0) + flat.shape[0]
+    if ranks.parallel:  # every rank sees the same Linears (a block trains no experts)
+        ranks.max_(list(absmax.values()))
+        ranks.sum_(list(sq.values()))
+        rows = dict(zip(rows, ranks.sum_numbers(list(rows.values())), strict=True))
     return absmax, {n: s / rows[n] for n, s in sq.items()}
 
 
 def learn_context(ctx: BlockContext, spec: QuantSpec, vq: VQSpec | None) -> LearnContext:
-    absmax, sq = input_stats(ctx.fp_linear_inputs, ctx.device)
+    absmax, sq = input_stats(ctx.fp_linear_inputs, ctx.device, ctx.ranks)
     return LearnContext(ctx.block, ctx.linears, spec, ctx.layout, absmax, sq, vq)
 
 

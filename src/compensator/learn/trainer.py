@@ -124,6 +124,7 @@ def train_block(
     result = TrainResult()
     t0 = time.perf_counter()
     groups = [g for lr in learners for g in lr.param_groups()]
+    params = [p for g in groups for p in g["params"]]
     base = {n: p.detach() for n, p in block.named_parameters()}
     n_batches = len(ctx.hidden)
     device = ctx.device
@@ -154,7 +155,9 @@ def train_block(
 
     def mean_block_loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_of(b)[1]) for b in range(n_batches)) / n_batches
+            local = sum(float(loss_of(b)[1]) for b in range(n_batches))
+        total, count = ctx.ranks.sum_numbers([local, n_batches])
+        return total / count
 
     frozen = (block,) if nxt is None else (block, nxt.module)
     with _frozen(*frozen), _quantized_inputs(block, linears, act):
@@ -170,6 +173,7 @@ def train_block(
                     loss, _ = loss_of(b)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    ctx.ranks.average_gradients(params)
                     opt.step()
                     result.steps += 1
                     for lr in learners:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from compensator.parallel import SOLO, Ranks
 from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import PARK, Stream, block_output, run_block, to_device
 from compensator.types import BlockContext, NextBlock, RotationLayout
@@ -29,6 +30,7 @@ def block_context(
     device: torch.device,
     storage: Storage,
     open_block: Callable[[int], AbstractContextManager[None]] = lambda i: nullcontext(),
+    ranks: Ranks = SOLO,
 ) -> BlockContext:
     """``open_block(j)`` holds block ``j``'s weights in memory while it is entered (they may
     be read lazily, :mod:`compensator.models.lazy`)."""
@@ -69,4 +71,5 @@ def block_context(
         device=device,
         forward=forward,
         next_block=next_block,
+        ranks=ranks,
     )

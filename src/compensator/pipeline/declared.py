@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compensator.parallel import SOLO, Ranks
 from compensator.pipeline.passes import StarvedExperts
 from compensator.recipes.recipe import Recipe
 
@@ -33,6 +34,8 @@ class Declared:
     batch_size: int
     starved_experts: StarvedExperts = "all-tokens"
     reuse_passes: bool = True
+    ranks: Ranks = SOLO
+    batch_from: str = "--batch-size"  # who set batch_size (a step may need its own)
 
     @classmethod
     def of(
@@ -42,17 +45,23 @@ class Declared:
         device: torch.device,
         starved_experts: StarvedExperts = "all-tokens",
         reuse_passes: bool = True,
+        ranks: Ranks = SOLO,
     ) -> Declared:
         fp_steps = [s for s in recipe.steps if s.needs_fp_stream()]
         fp_low = bool(fp_steps) and all(s.fp_stream_low_precision() for s in fp_steps)
-        if fp_low and not _fast_bfloat16(device):
+        if fp_low and not _fast_bfloat16(device) and ranks.main:
             log.warning(
                 "the recipe computes the FP stream in bfloat16, which this %s has no fast "
                 "matrix units for; set fp_precision: float32 in its steps if it is slow",
                 device.type,
             )
-        asked = [b for s in recipe.steps if (b := s.calibration_batch_size()) is not None]
+        asked = [
+            (b, f"the recipe's {s.name}: batch_size")
+            for s in recipe.steps
+            if (b := s.calibration_batch_size()) is not None
+        ]
+        size, source = (asked or [(batch_size, "--batch-size")])[0]
         return cls(
-            recipe.stats(), bool(fp_steps), fp_low, recipe.needs_data(),
-            (asked or [batch_size])[0], starved_experts, reuse_passes,
+            recipe.stats(), bool(fp_steps), fp_low, recipe.needs_data(), size, starved_experts,
+            reuse_passes, ranks, source,
         )  # fmt: skip

@@ -12,6 +12,7 @@ from torch import nn
 
 from compensator.nn.experts import routed_linears
 from compensator.nn.rotated import rotate_input
+from compensator.parallel import SOLO, Ranks
 from compensator.pipeline.stats import STATISTICS, StatsAccumulator
 from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import BatchReuse, Stream, capture_linear_inputs, run_block
@@ -69,8 +70,10 @@ def collect_stats(
     bases: dict[str, torch.Tensor | None] | None = None,
     reuse: BatchReuse | None = None,
     routed: Collection[str] = (),
+    ranks: Ranks = SOLO,
 ) -> dict[str, LinearStats]:
-    """Statistics of each named Linear's input over all calibration batches.
+    """Statistics of each named Linear's input over all calibration batches (of every rank:
+    summed over the ranks before any step reads them).
 
     Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
     so X^T X is computed once per distinct input (and split basis, when given). A ``routed``
@@ -100,13 +103,49 @@ def collect_stats(
             done.add(id(acc[n]))
             x_fp = fp_inputs[b][n].to(device) if fp_inputs is not None else None
             t0 = time.perf_counter()
-            acc[n].update(xs[n], x_fp)
+            acc[n].update(xs[n], x_fp, b)
             seconds["statistics"] += time.perf_counter() - t0
+    if ranks.parallel:
+        t0 = time.perf_counter()
+        _reduce(acc, block, names, stat_names, device, act, basis, ranks)
+        seconds["reduce"] += time.perf_counter() - t0
     finals: dict[int, LinearStats] = {}
     for a in acc.values():
         if id(a) not in finals:
             finals[id(a)] = a.finalize()
     return {n: finals[id(a)] for n, a in acc.items()}
+
+
+def _reduce(
+    acc: dict[str, StatsAccumulator],
+    block: nn.Module,
+    names: list[str],
+    stat_names: set[str],
+    device: torch.device,
+    act: ActSpec | None,
+    basis: Any,
+    ranks: Ranks,
+) -> None:
+    """Sum the accumulators over the ranks. Every rank first holds one, shared alike, for
+    each Linear any rank saw (an expert may get tokens on one rank only), so that all send
+    the same tensors in the same order."""
+    local = [-1.0] * len(names)
+    for i, n in enumerate(names):
+        if n in acc:
+            local[i] = float(next(j for j, m in enumerate(names) if acc.get(m) is acc[n]))
+    for i, owner in enumerate(ranks.max_numbers(local)):
+        n, o = names[i], names[int(owner)] if owner >= 0 else None
+        if o is None or n in acc:
+            continue
+        if o not in acc:
+            d_in = block.get_submodule(o).in_features
+            acc[o] = StatsAccumulator(stat_names, d_in, device, act, basis(o))
+        acc[n] = acc[o]
+    done: set[int] = set()
+    for n in names:
+        if n in acc and id(acc[n]) not in done:
+            done.add(id(acc[n]))
+            acc[n].reduce(ranks)
 
 
 StarvedExperts = Literal["all-tokens", "rtn"]
@@ -125,6 +164,7 @@ def group_stats(
     reuse: BatchReuse | None = None,
     starved: StarvedExperts = "all-tokens",
     where: str = "",
+    ranks: Ranks = SOLO,
 ) -> dict[str, LinearStats]:
     """The statistics ``stat_names`` of a group of Linears. Experts that calibration routes
     fewer tokens to than they have inputs are calibrated on every token (``starved ==
@@ -132,7 +172,7 @@ def group_stats(
     experts = routed_linears(block, [n for n, _ in group])
     stats = _group_stats(
         block, group, stream, fp_inputs, stat_names, splitter, device, seconds, act, reuse,
-        set(experts),
+        set(experts), ranks,
     )  # fmt: skip
     few = [
         n
@@ -152,7 +192,7 @@ def group_stats(
     try:
         again = _group_stats(
             block, [(n, lin) for n, lin in group if n in few], stream, fp_inputs, stat_names,
-            splitter, device, seconds, act, reuse, set(experts),
+            splitter, device, seconds, act, reuse, set(experts), ranks,
         )  # fmt: skip
     finally:
         for m in modules.values():
@@ -172,6 +212,7 @@ def _group_stats(
     act: ActSpec | None,
     reuse: BatchReuse | None,
     routed: set[str],
+    ranks: Ranks,
 ) -> dict[str, LinearStats]:
     """With a ``splitter`` (a step whose layers split their input), a first pass gives the
     Hessians its bases come from, and everything that does not read the split input; a
@@ -180,12 +221,13 @@ def _group_stats(
     if splitter is None:
         return collect_stats(
             block, names, stream, fp_inputs, stat_names, device, seconds, act, reuse=reuse,
-            routed=routed,
+            routed=routed, ranks=ranks,
         )  # fmt: skip
     plain = {n for n in stat_names if not STATISTICS[n].uses_basis} | {"hessian"}
     first = collect_stats(
-        block, names, stream, fp_inputs, plain, device, seconds, reuse=reuse, routed=routed
-    )
+        block, names, stream, fp_inputs, plain, device, seconds, reuse=reuse, routed=routed,
+        ranks=ranks,
+    )  # fmt: skip
     memo: dict[tuple[int, tuple[int, int]], torch.Tensor | None] = {}
     bases: dict[str, torch.Tensor | None] = {}
     for name, linear in group:
@@ -197,9 +239,11 @@ def _group_stats(
             assert hessian is not None
             memo[key] = splitter.input_basis(key[1], hessian)
         bases[name] = memo[key]
+    # Same Hessians on every rank, but an eigensolver need not give bit-equal bases everywhere.
+    ranks.same_([b for b in memo.values() if b is not None])
     rest = stat_names - plain
     second = collect_stats(
-        block, names, stream, fp_inputs, rest, device, seconds, act, bases, reuse, routed
+        block, names, stream, fp_inputs, rest, device, seconds, act, bases, reuse, routed, ranks
     )
     return {
         n: LinearStats(

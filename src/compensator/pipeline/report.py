@@ -14,11 +14,24 @@ log = logging.getLogger(__name__)
 class PipelineReport:
     """Where the time went: ``forward`` is calibration forward passes (``statistics``, the
     accumulation of X^T X and friends, is counted apart), ``solve`` the rounding maths,
-    ``hooks`` the per-block steps (training); ``per_block`` what the hooks reported."""
+    ``hooks`` the per-block steps (training); ``per_block`` what the hooks reported. In a
+    data-parallel run ``reduce`` is the summing of statistics over the ranks and ``share`` the
+    waiting for and receiving of what other ranks rounded."""
 
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
-            ("capture", "resume", "forward", "statistics", "solve", "train", "total"), 0.0
+            (
+                "capture",
+                "resume",
+                "forward",
+                "statistics",
+                "reduce",
+                "solve",
+                "share",
+                "train",
+                "total",
+            ),
+            0.0,
         )
     )
     blocks: int = 0
@@ -27,7 +40,9 @@ class PipelineReport:
 
     def to_dict(self) -> dict[str, Any]:
         seconds = dict(self.seconds)
-        seconds["forward"] -= seconds["statistics"]  # timed nested inside the passes
+        # timed nested inside the passes
+        seconds["forward"] -= seconds["statistics"] + seconds["reduce"]
+        seconds["solve"] -= seconds["share"]
         out: dict[str, Any] = {
             "seconds": seconds,
             "blocks": self.blocks,
@@ -53,13 +68,16 @@ def log_report(report: PipelineReport) -> None:
     s = report.seconds
     log.info(
         "quantized %d layers in %d blocks in %.1fs (capture %.1fs, forward passes %.1fs, "
-        "statistics %.1fs, training %.1fs, rounding maths %.1fs)",
+        "statistics %.1fs, training %.1fs, rounding maths %.1fs%s)",
         len(report.quantized_layers),
         report.blocks,
         s["total"],
         s["capture"],
-        s["forward"] - s["statistics"],
+        s["forward"] - s["statistics"] - s["reduce"],
         s["statistics"],
         s["train"],
-        s["solve"],
+        s["solve"] - s["share"],
+        f", over ranks: reduce {s['reduce']:.1f}s, share {s['share']:.1f}s"
+        if s["reduce"] or s["share"]
+        else "",
     )

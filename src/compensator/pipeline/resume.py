@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Parts of the fingerprint that change the last bits of the numbers but not what the run is:
 # resuming across them is allowed, with a warning.
-SOFT_KEYS = ("threads",)
+SOFT_KEYS = ("threads", "ranks")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -71,6 +71,17 @@ class RunState:
     restart: bool = False
     _lock: Any = field(default=None, repr=False)
     _finished: int = 0
+    # A data-parallel run's other ranks read the main rank's state and write nothing.
+    follower: bool = False
+
+    @classmethod
+    def follow(cls, directory: str | Path) -> RunState:
+        """The state another rank of this run holds (locked and written by that rank)."""
+        return cls(Path(directory).resolve(), follower=True)
+
+    def followed(self, finished: int) -> None:
+        """A follower's :meth:`begin`: the main rank found ``finished`` blocks reusable."""
+        self._finished = finished
 
     @classmethod
     @contextmanager
@@ -218,6 +229,8 @@ class RunState:
 
     def discard(self) -> None:
         """Remove the state once its result is saved."""
+        if self.follower:
+            return
         shutil.rmtree(self.directory, ignore_errors=True)
 
     @property

@@ -36,6 +36,7 @@ from compensator.models.checks import (
 )
 from compensator.models.lazy import LazyWeights, materialized
 from compensator.nn.layers import keep_dense
+from compensator.parallel import SOLO, Ranks
 from compensator.pipeline.context import block_context
 from compensator.pipeline.coverage import check_block_quantized
 from compensator.pipeline.declared import Declared
@@ -67,6 +68,7 @@ def run_pipeline(
     weights: LazyWeights | None = None,
     streams: StreamsAt = "auto",
     offload_dir: str | Path | None = None,
+    ranks: Ranks = SOLO,
 ) -> PipelineReport:
     """Quantize ``model`` in place: its block Linears become quantized layers.
 
@@ -79,11 +81,16 @@ def run_pipeline(
     in only while it is quantized and goes back to the meta device once written to
     ``state``, which is then required. ``streams`` is where calibration activations rest
     (:mod:`compensator.pipeline.storage`; on disk under ``offload_dir``, by default the run
-    state's directory)."""
+    state's directory). Over several ``ranks`` (:mod:`compensator.parallel`) every rank
+    passes the same ``input_ids`` and keeps its share of each batch; the statistics are summed
+    over the ranks and each rounding is done by one of them; only the main rank writes the
+    ``state``."""
     report = PipelineReport()
     t_start = time.perf_counter()
     _prepare(model, adapter, recipe, weights, state)
-    plan = Declared.of(recipe, batch_size, device, starved_experts, reuse_passes)
+    plan = Declared.of(recipe, batch_size, device, starved_experts, reuse_passes, ranks)
+    if input_ids is not None and plan.needs_data:
+        input_ids, plan.batch_size = ranks.shard(input_ids, plan.batch_size, plan.batch_from)
     if offload_dir is None and state is not None:
         offload_dir = state.directory
     storage = storage_for(
@@ -134,7 +141,7 @@ def _run_blocks(
         total=len(blocks),
         desc="quantizing blocks",
         unit="block",
-        disable=not progress,
+        disable=not progress or not plan.ranks.main,
     )
     for i in bar:
         t_block = time.perf_counter()
@@ -147,7 +154,7 @@ def _run_blocks(
             postfix, block_report = _quantize_block(
                 i, blocks, adapter, recipe, plan, streams, device, storage, report, opener
             )
-            if state is not None:
+            if state is not None and plan.ranks.main:
                 names = [n.removeprefix(prefix) for n in report.quantized_layers[before:]]
                 state.save_block(i, blocks[i], block_report, names)
         return_freed_memory()
@@ -289,6 +296,7 @@ def _quantize_block(
         ctx = block_context(
             i, blocks, block, adapter.linears(block), adapter.arch.rotation, streams.q,
             streams.fp, fp_out, fp_inputs, streams.next_kwargs, device, storage, opener,
+            plan.ranks,
         )  # fmt: skip
         with Timer(report, "train"):
             for step in hooks:
@@ -310,11 +318,11 @@ def _quantize_block(
                 stats = group_stats(
                     block, group, streams.q, fp_inputs, plan.stat_names, splitter, device,
                     report.seconds, recipe.scheme.activations, reuse, plan.starved_experts,
-                    f"{adapter.block_prefix(i)}.",
+                    f"{adapter.block_prefix(i)}.", plan.ranks,
                 )  # fmt: skip
             check_finite_stats({n: st.values for n, st in stats.items()}, adapter.block_prefix(i))
         with Timer(report, "solve"):
-            solve_group(block, group, stats, recipe, fixed)
+            solve_group(block, group, stats, recipe, fixed, plan.ranks, report.seconds)
             keep_dense(block, True)  # later groups and the next block's input reuse them
         if reuse is not None:
             reuse.mark_solved(n for n, _ in group)

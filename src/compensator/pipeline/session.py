@@ -17,6 +17,7 @@ from compensator.models.adapter import ModelAdapter
 from compensator.models.checks import check_finite_weights
 from compensator.models.lazy import LazyWeights, wants_lazy
 from compensator.models.loading import LoadedModel, load_model, local_files
+from compensator.parallel import SOLO, Ranks
 from compensator.pipeline.coverage import split_experts
 from compensator.pipeline.passes import StarvedExperts
 from compensator.pipeline.resume import RunState, run_fingerprint
@@ -41,6 +42,16 @@ class PipelineRun:
     weights: LazyWeights | None = None  # a lazily opened model's files
     streams: StreamsAt = "auto"
     offload_dir: str | Path | None = None
+    ranks: Ranks = SOLO
+
+    def _begin(self, fingerprint: dict[str, Any], blocks: int) -> None:
+        """The main rank checks the state against the run; the others wait for its verdict."""
+        assert self.state is not None
+        if self.ranks.main:
+            self.state.begin(fingerprint, blocks)
+        finished = self.ranks.max_numbers([self.state.finished if self.ranks.main else 0])
+        if not self.ranks.main:
+            self.state.followed(int(finished[0]))
 
     def pipeline(
         self,
@@ -60,14 +71,16 @@ class PipelineRun:
             fingerprint = run_fingerprint(
                 base_fp, recipe, input_ids, calib_info, self.device, self.batch_size, self.version
             )
-            self.state.begin(fingerprint, len(adapter.blocks(net)))
+            if self.ranks.parallel:
+                fingerprint["ranks"] = self.ranks.world
+            self._begin(fingerprint, len(adapter.blocks(net)))
         log.info("recipe %s: %s on %s (%s)", rec.name, rec.label(), source, self.device)
         try:
             return run_pipeline(
                 net, adapter, rec, input_ids, device=self.device, batch_size=self.batch_size,
                 progress=self.progress, state=self.state,
                 starved_experts=self.starved_experts or "all-tokens", weights=self.weights,
-                streams=self.streams, offload_dir=self.offload_dir,
+                streams=self.streams, offload_dir=self.offload_dir, ranks=self.ranks,
             )  # fmt: skip
         except KeyboardInterrupt:
             if self.state is None:

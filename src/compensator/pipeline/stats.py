@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from compensator.parallel import Ranks
 from compensator.quant.act import ActSpec, quantize_activations
 from compensator.types import LinearStats
 
@@ -46,6 +47,10 @@ class Statistic:
     def result(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def reduced(self, ranks: Ranks) -> list[torch.Tensor]:
+        """Its running sums, summed over the ranks in place (the token count apart)."""
+        raise NotImplementedError
+
 
 class _GramMean(Statistic):
     """A d_in x d_in sum of products over tokens; the result is its mean."""
@@ -62,6 +67,9 @@ class _GramMean(Statistic):
 
     def result(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
+
+    def reduced(self, ranks: Ranks) -> list[torch.Tensor]:
+        return [self.sum]
 
 
 class Hessian(_GramMean):
@@ -110,7 +118,10 @@ class FPCrossBF16(FPCross):
 
 
 class AbsMean(Statistic):
-    """Per-feature mean |x| over each batch's tokens, the maximum over batches (L2QER's s)."""
+    """Per-feature mean |x| over each batch's tokens, the maximum over batches (L2QER's s).
+
+    Over ranks a batch's mean is over the tokens of every rank's share of it, so each batch's
+    sums and token count are kept (by batch index) until the ranks' are added up."""
 
     def __init__(
         self,
@@ -121,14 +132,32 @@ class AbsMean(Statistic):
     ) -> None:
         super().__init__(d_in, device, act, basis)
         self.max = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.batch = 0  # the index of the batch the next update comes from
+        self.per_batch: dict[int, tuple[torch.Tensor, int]] = {}
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         x = x.reshape(-1, x.shape[-1])
         torch.maximum(self.max, x.abs().float().mean(dim=0), out=self.max)
+        self.per_batch[self.batch] = (x.abs().float().sum(dim=0), x.shape[0])
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         return self.max.clone()
+
+    def reduced(self, ranks: Ranks) -> list[torch.Tensor]:
+        last = int(ranks.max_numbers([max(self.per_batch, default=-1)])[0])
+        sums = torch.zeros(last + 1, self.max.shape[0], device=self.max.device)
+        counts = [0.0] * (last + 1)
+        for b, (total, n) in self.per_batch.items():
+            sums[b], counts[b] = total, n
+        ranks.sum_([sums])
+        counts = ranks.sum_numbers(counts)
+        reached = [b for b, n in enumerate(counts) if n > 0]
+        means = (
+            sums[reached] / torch.tensor([counts[b] for b in reached], device=sums.device)[:, None]
+        )
+        self.max = means.amax(dim=0) if reached else torch.zeros_like(self.max)
+        return []
 
 
 class ActHessian(Hessian):
@@ -193,9 +222,20 @@ class StatsAccumulator:
     def needs_fp(self) -> bool:
         return any(s.needs_fp for s in self.stats.values())
 
-    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None, batch: int = 0) -> None:
         for s in self.stats.values():
+            if isinstance(s, AbsMean):
+                s.batch = batch
             s.update(x, x_fp)
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Make the statistics those of every rank's batches (a no-op in one process)."""
+        if not ranks.parallel:
+            return
+        ranks.sum_([t for s in self.stats.values() for t in s.reduced(ranks)])
+        counts = ranks.sum_numbers([s.tokens for s in self.stats.values()])
+        for s, n in zip(self.stats.values(), counts, strict=True):
+            s.tokens = int(n)
 
     def finalize(self) -> LinearStats:
         tokens = max((s.tokens for s in self.stats.values()), default=0)
