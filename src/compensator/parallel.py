@@ -49,9 +49,6 @@ class Ranks:
     def parallel(self) -> bool:
         return self.world > 1
 
-    def label(self) -> str:
-        return f"rank {self.rank} of {self.world}"
-
     # -- collectives (no-ops in one process) -----------------------------------------------
 
     def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -75,17 +72,16 @@ class Ranks:
 
     def sum_numbers(self, values: Sequence[float]) -> list[float]:
         """Sums over the ranks of a few numbers (float64, exact for counts below 2^53)."""
-        if not self.parallel:
-            return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self._numbers(values, dist.ReduceOp.SUM)
 
     def max_numbers(self, values: Sequence[float]) -> list[float]:
+        return self._numbers(values, dist.ReduceOp.MAX)
+
+    def _numbers(self, values: Sequence[float], op: Any) -> list[float]:
         if not self.parallel:
             return list(values)
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, dist.ReduceOp.MAX)
+        self._reduce([t], op)
         return t.tolist()
 
     def same_(self, tensors: Sequence[torch.Tensor], src: int = 0) -> None:
