@@ -10,7 +10,9 @@ as a ratio to the first recipe's time at the same scheme, measured in the same r
     python benchmarks/bench.py --methods gptq,gptaq,gptq-cae,rescomp --name gptaq
     python benchmarks/bench.py --eval-windows 0 --calib-windows 128 ...       # full protocol
 
-Writes benchmarks/results/NAME.json and NAME.md.
+Writes benchmarks/results/NAME.json and NAME.md. One seed per run (``--seed``): to compare
+methods over several calibration seeds (mean ± sd, and whether a gap is within seed noise),
+use ``compensator compare`` (docs/compare.md), which made the README's headline table.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def worker(args: argparse.Namespace) -> None:
             calib_windows=args.calib_windows,
             bits=args.bits,
             group_size=args.group_size,
+            seed=args.seed,
             inplace=True,
             progress=False,
         )
@@ -114,6 +117,7 @@ def run_one(
         sys.executable, __file__, "--worker", "--recipe", recipe, "--bits", str(bits),
         "--group-size", str(gs), "--save", str(save), "--model", args.model,
         "--calib-windows", str(args.calib_windows), "--threads", str(args.threads),
+        "--seed", str(args.seed),
     ]  # fmt: skip
     if args.calib:
         cmd += ["--calib", args.calib]
@@ -139,6 +143,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed")
     ap.add_argument("--name", default="bench", help="results file stem")
     args = ap.parse_args()
     if args.worker:
@@ -173,7 +178,7 @@ def main() -> None:
             "model": args.model,
             "eval": "wikitext2 test, 512-token windows",
             "eval_windows": int(windows.shape[0]),
-            "calibration": f"{args.calib}, {args.calib_windows} x 512, seed 0",
+            "calibration": f"{args.calib}, {args.calib_windows} x 512, seed {args.seed}",
             "threads": args.threads,
             "fp_ppl": fp_ppl,
         },

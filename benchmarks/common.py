@@ -27,9 +27,12 @@ class Bench:
     windows: torch.Tensor
     calibration: torch.Tensor
     protocol: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # draws the calibration windows and reaches every recipe step's own seed
 
 
-def setup(model: str, calib: str, calib_windows: int, eval_windows: int, threads: int) -> Bench:
+def setup(
+    model: str, calib: str, calib_windows: int, eval_windows: int, threads: int, seed: int = 0
+) -> Bench:
     """Load the FP model and the data once; measure the FP perplexity."""
     from compensator.data import load_calibration_windows, load_eval_windows
     from compensator.evaluate import evaluate
@@ -39,18 +42,18 @@ def setup(model: str, calib: str, calib_windows: int, eval_windows: int, threads
     torch.set_num_threads(threads)
     fp = load_model(model)
     windows = load_eval_windows(fp.tokenizer, "wikitext2", 512, eval_windows or None)
-    cal = load_calibration_windows(fp.tokenizer, calib, calib_windows, 512, 0)
+    cal = load_calibration_windows(fp.tokenizer, calib, calib_windows, 512, seed)
     fp_ppl = evaluate(fp.model, windows, progress=False).ppl
     print(f"FP ppl {fp_ppl:.3f} on {windows.shape[0]} windows", flush=True)
     protocol = {
         "model": model,
         "eval": "wikitext2 test, 512-token windows",
         "eval_windows": int(windows.shape[0]),
-        "calibration": f"{calib}, {calib_windows} x 512, seed 0",
+        "calibration": f"{calib}, {calib_windows} x 512, seed {seed}",
         "threads": threads,
         "fp_ppl": fp_ppl,
     }
-    return Bench(fp, windows, cal, protocol)
+    return Bench(fp, windows, cal, protocol, seed)
 
 
 def run_row(
@@ -75,6 +78,7 @@ def run_row(
         calibration=bench.calibration,
         inplace=True,
         progress=False,
+        seed=bench.seed,
         **overrides,
     )
     seconds = time.perf_counter() - t0
@@ -131,6 +135,9 @@ def parser(doc: str | None, name: str) -> argparse.ArgumentParser:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=16, help="0 = every window")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="calibration seed (windows and every step's draws)"
+    )
     ap.add_argument("--name", default=name, help="results file stem")
     ap.add_argument(
         "--resume", action="store_true", help="keep the rows already in NAME.json, run the rest"
@@ -152,7 +159,9 @@ def parse_rows(
 
 
 def setup_from(args: argparse.Namespace) -> Bench:
-    return setup(args.model, args.calib, args.calib_windows, args.eval_windows, args.threads)
+    return setup(
+        args.model, args.calib, args.calib_windows, args.eval_windows, args.threads, args.seed
+    )
 
 
 def run_jobs(

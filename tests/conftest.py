@@ -137,6 +137,8 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise AssertionError(f"model {name} loaded before the argument error")
 
     import compensator.api
+    import compensator.io.targets
 
     monkeypatch.setattr(compensator.api, "load_model", refuse)
+    monkeypatch.setattr(compensator.io.targets, "load_model", refuse)
     return calls

@@ -176,3 +176,46 @@ def test_learned_grid_beats_rounding_at_2_bits(w2: dict[str, object]) -> None:
 
 def test_vq_effective_bits(w2: dict[str, object]) -> None:
     assert 2.0 < w2["vq-2bit-bits"] < 2.1 and 2.0 < w2["ssvq-2bit-bits"] < 2.1, w2
+
+
+def _cloze_task(directory: Path, docs: int = 48) -> Path:
+    """A 4-way WikiText-2 cloze task: which 6 words continue 24 words of an article line
+    (the 3 wrong choices are continuations of other lines)."""
+    import random
+
+    lines = [
+        ln.split() for ln in (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines()
+    ]
+    lines = [ln for ln in lines if len(ln) >= 40 and not ln[0].startswith("=")]
+    rng = random.Random(0)
+    picked = rng.sample(lines, docs)
+    rows = []
+    for i, words in enumerate(picked):
+        others = [picked[j] for j in rng.sample([j for j in range(docs) if j != i], 3)]
+        choices = [" ".join(w[24:30]) for w in [words, *others]]
+        order = list(range(4))
+        rng.shuffle(order)
+        rows.append({"context": " ".join(words[:24]), "choices": [choices[k] for k in order],
+                     "answer": order.index(0)})  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "cloze.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "cloze.yaml").write_text(
+        "task: wikitext_cloze\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {directory / 'cloze.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return directory
+
+
+def test_downstream_task_ranks_fp_above_w2_rtn(
+    smol: LoadedModel, calib: torch.Tensor, tmp_path: Path
+) -> None:
+    require(importlib.util.find_spec("lm_eval") is not None, "lm-eval not installed (its extra)")
+    tasks = _cloze_task(tmp_path / "tasks")
+    task = {"tasks": "wikitext_cloze", "include_path": tasks, "windows": 1, "progress": False}
+    fp = cp.evaluate(smol.model, tokenizer=smol.tokenizer, **task)
+    w2 = cp.evaluate(_quantize(smol, calib, "rtn", bits=2, group_size=64), **task)
+    fp_acc, w2_acc = fp.tasks["wikitext_cloze"]["acc"], w2.tasks["wikitext_cloze"]["acc"]
+    assert fp_acc >= 0.6 and fp_acc - w2_acc >= 0.25, (fp_acc, w2_acc)  # chance: 0.25

@@ -248,3 +248,19 @@ def test_zero_rounders(tmp_path: Path, noop_step: type[StepConfig]) -> None:
     msg = load_error(write(tmp_path, "steps:\n  - noop_transform\n"))
     rounders = ", ".join(sorted(n for n, c in STEPS.items() if c.kind == "rounder"))
     assert f"needs a rounder step ({rounders}); it has none" in msg
+
+
+def test_the_run_seed_reaches_every_seeded_step() -> None:
+    from compensator.recipes.recipe import load_recipe
+
+    quarot = load_recipe("quarot-gptq-lrc-split")
+    assert quarot.with_seed(0) is quarot
+    moved = quarot.with_seed(3)
+    seeds = {s.name: s.seed for s in moved.steps if "seed" in type(s).model_fields}
+    assert seeds and all(v == 3 for v in seeds.values()), seeds
+    ssvq = load_recipe("ssvq-2bit").with_seed(2)
+    assert {s.name: s.seed for s in ssvq.steps if "seed" in type(s).model_fields} == {
+        "train": 2,
+        "vq": 2,
+    }
+    assert load_recipe("gptq").with_seed(5).steps == load_recipe("gptq").steps  # nothing drawn

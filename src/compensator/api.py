@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,11 @@ from compensator.io.formats import export as export_source
 from compensator.io.native import (
     FORMAT_VERSION,
     BlockFiles,
-    is_checkpoint,
     load_checkpoint,
     read_quantization_config,
     save_checkpoint,
 )
+from compensator.io.targets import load_target, recorded_base
 from compensator.models.adapter import get_adapter
 from compensator.models.checks import (
     check_calibration_size,
@@ -36,7 +37,6 @@ from compensator.models.checks import (
     check_token_ids,
 )
 from compensator.models.fingerprint import (
-    check_fingerprint,
     source_fingerprint,
     tensors_fingerprint,
 )
@@ -49,6 +49,7 @@ from compensator.pipeline.resume import RunState
 from compensator.pipeline.session import PipelineRun, open_model
 from compensator.pipeline.storage import StreamsAt
 from compensator.recipes.recipe import Recipe, load_recipe
+from compensator.tasks import check_tasks, parse_tasks, run_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,8 @@ def quantize(
     data source as in :func:`compensator.data.resolve_text` (default: WikiText-2 validation
     when COMPENSATOR_DATA is set, else the embedded corpus), or a LongTensor of token
     windows [n, seqlen] used as is. ``rank`` is a number of components or a share like "30%".
-    Touches no process-wide state: every random draw has its own generator, seeded from
-    ``seed`` (calibration windows) or from the recipe's steps.
+    No process-wide state: every random draw has its own generator, from ``seed`` (calibration
+    windows; added to the steps' own seeds: k-means, data order, rotations).
 
     ``resume`` (a directory, or an open :class:`RunState`) keeps every finished block there:
     calling again with the same arguments after a crash or Ctrl-C continues at the first
@@ -134,8 +135,8 @@ def quantize(
     ``offload_dir``, default the ``resume`` dir; "auto" picks from free memory). All:
     docs/big-models.md. Under torchrun (``ranks``: by default the torch.distributed group
     this process is in) the run is data-parallel: docs/distributed.md."""
-    rec = load_recipe(recipe).with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
-    rec = rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs)
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "epochs": epochs}
+    rec = load_recipe(recipe).with_overrides(**given, rank=rank, act_bits=act_bits, seed=seed)
     check_group_size(group_size)
     if rec.needs_data() and not isinstance(calibration, torch.Tensor):
         check_calibration_size(calib_windows, seqlen)
@@ -293,24 +294,6 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     return load_checkpoint(path, device=device)
 
 
-def load_target(
-    target: str | Path, *, require_checkpoint: bool = False, trust_remote_code: bool = False
-) -> tuple[nn.Module, Any, dict[str, Any] | None]:
-    """A checkpoint or a plain model: (model, tokenizer, a checkpoint's quantization_config)."""
-    if require_checkpoint or is_checkpoint(target):
-        qc = read_quantization_config(target)["quantization_config"]
-        model = load_checkpoint(target)
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(target))
-        except (OSError, ValueError):
-            tok = load_model(qc["base_model"]).tokenizer
-        return model, tok, qc
-    loaded = load_model(str(target), trust_remote_code=trust_remote_code)
-    return loaded.model, loaded.tokenizer, None
-
-
 def evaluate(
     target: str | Path | nn.Module | QuantizedModel,
     *,
@@ -322,17 +305,26 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = True,
     trust_remote_code: bool = False,
+    tasks: str | Sequence[str] | None = None,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
 ) -> EvalResult:
     """Perplexity (and KL against ``fp`` when given) with the DESIGN protocol.
 
     For a checkpoint path the FP reference defaults to the base model it records (refused
     unless its files are the recorded ones). ``trust_remote_code`` lets a plain model (the
-    target or ``fp``) run the Python code it ships; checkpoints never do.
+    target or ``fp``) run the Python code it ships; checkpoints never do. ``tasks`` (names or
+    "a,b") adds lm-eval's metrics per task (``include_path``: local task YAMLs; ``limit``:
+    documents per task): :mod:`compensator.tasks`.
     """
     if windows is not None and windows < 1:
         raise CompensatorError(f"--windows {windows} is not valid: use a positive count")
     if seqlen < 2:
         raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
+    task_names = parse_tasks(tasks)
+    manager = task_manager(include_path, task_names) if task_names else None
+    if manager is not None:
+        check_tasks(task_names, manager)  # before anything is loaded
     qc: dict[str, Any] | None = None
     if isinstance(target, QuantizedModel) and has_meta_tensors(target.model):
         raise CompensatorError(
@@ -356,7 +348,7 @@ def evaluate(
     if fp is not None and fp_model is None:
         fp_model = load_model(str(fp), trust_remote_code=trust_remote_code).model
     elif fp is None and qc is not None and qc.get("base_model"):
-        fp_model = _recorded_base(qc["base_model"], qc.get("base_model_fingerprint"))
+        fp_model = recorded_base(qc["base_model"], qc.get("base_model_fingerprint"))
     check_seqlen(seqlen, model)
     ids = load_eval_windows(tokenizer, data, seqlen, windows)
     check_token_ids(ids, model, "evaluation text")
@@ -364,20 +356,8 @@ def evaluate(
         model, ids, fp_model=fp_model, batch_size=batch_size, progress=progress
     )
     result.bits_per_weight = bits_per_weight(model)
+    if task_names:
+        result.tasks = run_tasks(
+            model, tokenizer, task_names, limit=limit, batch_size=batch_size, manager=manager
+        )
     return result
-
-
-def _recorded_base(base: str, recorded: dict[str, Any] | None) -> nn.Module:
-    """The base model a checkpoint records, refused unless its bytes are the recorded ones."""
-    if recorded is None:  # checkpoints from before fingerprints
-        return load_model(base).model
-    check_fingerprint(base, recorded, None)  # files: before loading anything
-    try:
-        model = load_model(base).model
-    except CompensatorError:
-        raise CompensatorError(
-            f"the base model {base} recorded by the checkpoint cannot be loaded; pass the FP "
-            "model with --fp (or fp=...) to compute KL against it"
-        ) from None
-    check_fingerprint(base, recorded, model)  # tensors: once loaded
-    return model

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from compensator import __version__
+from compensator.cli_compare import compare_cmd
 from compensator.cli_options import friendly, no_progress_bars, scheme_options, setup_logging
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.parallel import launched
@@ -149,34 +150,19 @@ def _quantize_and_save(
 @click.option(
     "--trust-remote-code", is_flag=True, help="Let a plain model run the Python code it ships."
 )
+@click.option("--tasks", default=None, help="lm-eval tasks, comma-separated (arc_easy,hellaswag).")
+@click.option("--include-path", default=None, help="Folder of local lm-eval task YAML files.")
+@click.option("--limit", type=int, default=None, help="Only the first N documents of each task.")
 @click.option("--no-progress", is_flag=True)
 @friendly
-def eval_cmd(
-    target: str,
-    fp: str | None,
-    data: str | None,
-    windows: int | None,
-    seqlen: int,
-    batch_size: int,
-    as_json: bool,
-    trust_remote_code: bool,
-    no_progress: bool,
-) -> None:
-    """Perplexity of TARGET (a checkpoint or a model) and KL divergence from the FP model."""
+def eval_cmd(target: str, as_json: bool, no_progress: bool, **opts: Any) -> None:
+    """Perplexity of TARGET (a checkpoint or a model) and KL divergence from the FP model;
+    with --tasks, lm-evaluation-harness's metrics of each task too."""
     from compensator import api
 
     if no_progress:
         no_progress_bars()
-    result = api.evaluate(
-        target,
-        fp=fp,
-        data=data,
-        windows=windows,
-        seqlen=seqlen,
-        batch_size=batch_size,
-        progress=not no_progress,
-        trust_remote_code=trust_remote_code,
-    )
+    result = api.evaluate(target, progress=not no_progress, **opts)
     if as_json:
         click.echo(json.dumps(result.to_dict(), allow_nan=False))
         return
@@ -187,6 +173,13 @@ def eval_cmd(
         f"ppl {result.ppl:.3f}  fp_ppl {fp_ppl}  kl {kl}{bpw}  "
         f"({result.windows} windows x {result.seqlen})"
     )
+    for task, metrics in (result.tasks or {}).items():
+        shown = "  ".join(
+            f"{k} {'-' if v is None else f'{v:.4f}'}"
+            for k, v in metrics.items()
+            if "stderr" not in k
+        )
+        click.echo(f"{task}: {shown}")
 
 
 _EXPORT_OPTION_OF = {
@@ -291,10 +284,8 @@ def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -
     from compensator.plan import format_plan, plan
     from compensator.recipes.recipe import load_recipe
 
-    rec = load_recipe(recipe).with_weights(
-        bits=opts["bits"], group_size=opts["group_size"], symmetric=opts["symmetric"]
-    )
-    rec = rec.with_rank(opts["rank"]).with_act_bits(opts["act_bits"]).with_epochs(opts["epochs"])
+    keys = ("bits", "group_size", "symmetric", "rank", "act_bits", "epochs")
+    rec = load_recipe(recipe).with_overrides(**{k: opts[k] for k in keys})
     p = plan(
         model, rec, opts["calib_windows"], opts["seqlen"], opts["batch_size"], whole,
         opts["ranks"],
@@ -339,6 +330,8 @@ def demo(
     )
     click.echo(format_table(rows))
 
+
+main.add_command(compare_cmd)
 
 if __name__ == "__main__":
     main()

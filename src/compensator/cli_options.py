@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,10 +24,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def no_progress_bars() -> None:
-    """--no-progress also silences transformers' own bars (e.g. "Loading weights")."""
+    """--no-progress also silences transformers' own bars (e.g. "Loading weights") and
+    lm-eval's (plain tqdm bars, which read TQDM_DISABLE when created)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

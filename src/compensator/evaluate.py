@@ -36,6 +36,7 @@ class EvalResult:
     seqlen: int
     seconds: float
     bits_per_weight: float | None = None  # stored bits per quantized weight, when quantized
+    tasks: dict[str, dict[str, float | None]] | None = None  # lm-eval: {task: {metric: value}}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: a non-finite score becomes None, with an ``error`` saying which."""

@@ -323,3 +323,15 @@ def _summary(err: BaseException) -> str:
     text = " ".join(str(err).split())
     text = text if len(text) <= 240 else text[:237] + "..."
     return text or type(err).__name__
+
+
+def save_plain(loaded: LoadedModel, directory: str | Path) -> None:
+    """``loaded`` as a plain safetensors directory (config without a ``quantization_config``:
+    a dequantized GGUF is a plain model), with its tokenizer: what a local model looks like."""
+    config = loaded.model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain_config = type(loaded.model.config).from_dict(config)
+    plain = type(loaded.model)(plain_config)
+    plain.load_state_dict(loaded.model.state_dict())
+    plain.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)

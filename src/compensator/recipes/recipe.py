@@ -121,6 +121,35 @@ class Recipe(BaseModel):
             [s.model_copy(update={"epochs": epochs}) if s in trainers else s for s in self.steps]
         )
 
+    def with_seed(self, seed: int) -> Recipe:
+        """The same recipe with ``seed`` added to every step's own seed (k-means, data order,
+        rotations), so one calibration seed moves every random draw of a run; 0: unchanged."""
+        if seed == 0:
+            return self
+        return self.with_steps(
+            [
+                s.model_copy(update={"seed": s.seed + seed})
+                if "seed" in type(s).model_fields
+                else s
+                for s in self.steps
+            ]
+        )
+
+    def with_overrides(
+        self,
+        *,
+        bits: int | None = None,
+        group_size: int | None = None,
+        symmetric: bool | None = None,
+        rank: int | str | None = None,
+        act_bits: int | None = None,
+        epochs: int | None = None,
+        seed: int = 0,
+    ) -> Recipe:
+        """Every command-line override at once, in the order quantize and plan apply them."""
+        rec = self.with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
+        return rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs).with_seed(seed)
+
     def with_rank(self, rank: int | str | None) -> Recipe:
         """The same recipe with the corrector's rank replaced (None: unchanged)."""
         if rank is None:

@@ -1,0 +1,114 @@
+"""llm-compressor's GPTQ on our protocol; runs inside the llm-compressor virtual environment
+(benchmarks/peers/install.sh), never in ours. Reads the model directory and the calibration
+windows the harness wrote (safetensors), quantizes with ``oneshot`` + ``GPTQModifier``
+(weight-only, asymmetric, per group, damp 0.01, static act-order: PEERS.md's settings) and
+writes the *dequantized* weights as a plain fp32 model, which the harness evaluates in our
+environment exactly like our own rows. Prints one JSON line: seconds, peak RSS.
+
+    python llmcompressor_gptq.py MODEL_DIR CALIB.safetensors OUT_DIR --bits 4 --group-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pad_last_group() -> None:
+    """llm-compressor 0.14's min/max observer reshapes a row into whole groups and fails on
+    576 = 4 x 128 + 64 columns. Pad the short last group with repeats of its own columns,
+    which leaves its min and max (so its scale and zero point) those of its real columns."""
+    import llmcompressor.observers.helpers as helpers
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    original = helpers._flatten_weight
+
+    def flatten(value: torch.Tensor, args):  # type: ignore[no-untyped-def]
+        g, cols = args.group_size, value.shape[-1]
+        if args.strategy != QuantizationStrategy.GROUP or cols % g == 0:
+            return original(value, args)
+        start = cols - cols % g
+        fill = start + torch.arange(g - cols % g, device=value.device) % (cols - start)
+        return original(torch.cat([value, value[..., fill]], dim=-1), args)
+
+    helpers._flatten_weight = flatten
+
+
+def dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with every quantized weight replaced by its dequantized values
+    (codes x scale, zero point applied), checked to sit on the grid."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    state = {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None:
+            continue
+        w = module.weight.detach()
+        zp = getattr(module, "weight_zero_point", None)
+        dq = fake_quantize(w, module.weight_scale, zp, scheme.weights,
+                           g_idx=getattr(module, "weight_g_idx", None))
+        state[f"{name}.weight"] = dq.float()
+    return state
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("calib")
+    ap.add_argument("out")
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group-size", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = load_file(args.calib)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    weights = QuantizationArgs(
+        num_bits=args.bits, type="int", symmetric=False, strategy="group",
+        group_size=args.group_size, actorder="static",
+    )
+    recipe = GPTQModifier(
+        config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=["lm_head"], dampening_frac=0.01,
+        bypass_divisibility_checks=True,  # 576-wide rows: the last group holds 64 columns
+    )
+    pad_last_group()
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1],
+            num_calibration_samples=ids.shape[0], tokenizer=tok)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    dq = dequantized_state(model)
+    plain = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    missing = set(dq) - set(plain.state_dict())
+    assert not missing, f"dequantized tensors the plain model lacks: {sorted(missing)[:3]}"
+    plain.load_state_dict(dq, strict=False)
+    plain.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "layers": len(dq)}))
+
+
+if __name__ == "__main__":
+    main()
