@@ -131,7 +131,7 @@ def test_out_under_a_file(tiny_dir: Path, tmp_path: Path) -> None:
 def test_remote_code_runs_only_when_asked(
     command: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import compensator.api
+    import compensator.io.targets
     import compensator.pipeline.session
     from compensator.errors import CompensatorError
 
@@ -141,7 +141,7 @@ def test_remote_code_runs_only_when_asked(
         asked.append(trust_remote_code)
         raise CompensatorError("stop here")
 
-    monkeypatch.setattr(compensator.api, "load_model", record)  # eval
+    monkeypatch.setattr(compensator.io.targets, "load_model", record)  # eval
     monkeypatch.setattr(compensator.pipeline.session, "load_model", record)  # quantize
     args = (
         quantize_args(tiny_dir, tmp_path / "q", recipe="rtn")

@@ -49,7 +49,9 @@ def _rows(recipe: str, ppls: list[float], fixed: bool = False) -> list[dict]:
 def test_noise_verdicts_use_two_standard_errors() -> None:
     a, b = _rows("a", [10.0, 10.2, 9.8]), _rows("b", [10.5, 10.7, 10.3])
     close = _rows("c", [10.1, 10.4, 9.9])
-    notes = {n["other"]: n for n in noise(summarize(a + b + close))}
+    notes = {n["other"]: n for n in noise(summarize(a + b + close)) if n["against"] == "best"}
+    nexts = [n for n in noise(summarize(a + b + close)) if n["against"] == "next"]
+    assert [(n["reference"], n["other"]) for n in nexts] == [("c W4", "b W4")]
     two_se = 2 * math.sqrt(0.2**2 / 3 + 0.2**2 / 3)
     assert notes["b W4"]["two_se"] == pytest.approx(two_se)
     assert notes["b W4"]["within_noise"] is False  # a 0.5 gap against 2 SE of 0.33

@@ -146,6 +146,7 @@ def test_to_dict_round_trips() -> None:
         "seqlen": 512,
         "seconds": 1.5,
         "bits_per_weight": None,
+        "tasks": None,
     }
     assert EvalResult(**result.to_dict()) == result
 

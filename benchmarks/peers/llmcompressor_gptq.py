@@ -46,20 +46,27 @@ def pad_last_group() -> None:
 
 
 def dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors with every quantized weight replaced by its dequantized values
-    (codes x scale, zero point applied), checked to sit on the grid."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
+    """The model's quantized weights as their dequantized values. GPTQ leaves each weight at
+    its rounded values; this re-derives the codes from the stored scale and zero point (groups
+    of ``group_size`` columns, the last one short), checks the weight sits on that grid, and
+    returns (codes - zero point) x scale. compressed-tensors' own fake_quantize refuses rows
+    that are not whole groups, so it cannot be used here."""
     state = {}
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.weights is None:
             continue
-        w = module.weight.detach()
-        zp = getattr(module, "weight_zero_point", None)
-        dq = fake_quantize(w, module.weight_scale, zp, scheme.weights,
-                           g_idx=getattr(module, "weight_g_idx", None))
-        state[f"{name}.weight"] = dq.float()
+        args = scheme.weights
+        w = module.weight.detach().float()
+        g, cols = args.group_size, w.shape[1]
+        scale = module.weight_scale.detach().float().repeat_interleave(g, dim=1)[:, :cols]
+        zp = module.weight_zero_point.detach().float().repeat_interleave(g, dim=1)[:, :cols]
+        half = 2 ** (args.num_bits - 1)  # "int" codes are signed: -half .. half - 1
+        codes = torch.clamp(torch.round(w / scale) + zp, -half, half - 1)
+        dq = (codes - zp) * scale
+        drift = ((dq - w).abs() / scale).max().item()
+        assert drift < 1e-2, f"{name}: weight off its grid by {drift:.3g} steps"
+        state[f"{name}.weight"] = dq
     return state
 
 
@@ -84,20 +91,33 @@ def main() -> None:
     ids = load_file(args.calib)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model)
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    data = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+    )
     weights = QuantizationArgs(
-        num_bits=args.bits, type="int", symmetric=False, strategy="group",
-        group_size=args.group_size, actorder="static",
+        num_bits=args.bits,
+        type="int",
+        symmetric=False,
+        strategy="group",
+        group_size=args.group_size,
+        actorder="static",
     )
     recipe = GPTQModifier(
         config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=["lm_head"], dampening_frac=0.01,
+        ignore=["lm_head"],
+        dampening_frac=0.01,
         bypass_divisibility_checks=True,  # 576-wide rows: the last group holds 64 columns
     )
     pad_last_group()
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0], tokenizer=tok)
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=recipe,
+        max_seq_length=ids.shape[1],
+        num_calibration_samples=ids.shape[0],
+        tokenizer=tok,
+    )
     seconds = time.perf_counter() - t0
     peak = peak_rss_mb()
     dq = dequantized_state(model)

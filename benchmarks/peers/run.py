@@ -56,10 +56,11 @@ def stored_bits(model_dir: str, bits: int, group_size: int) -> float:
 
 
 def run_row(args: argparse.Namespace, peer: str, bits: int, seed: int) -> dict[str, Any]:
-    import compensator as cp
-    from compensator.data import load_calibration_windows
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
+
+    import compensator as cp
+    from compensator.data import load_calibration_windows
 
     env_name, script, method, version = PEERS[peer]
     python = HOME / env_name / "bin" / "python"

@@ -63,25 +63,24 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def noise(summary: Sequence[dict[str, Any]], measure: str = "ppl") -> list[dict[str, Any]]:
-    """Per bits, every recipe against the best (lowest mean): ``within`` noise when the gap is
-    at most twice its standard error (sqrt(sd_a^2/n_a + sd_b^2/n_b)); a ``fixed`` row (no
-    random draw: RTN) adds nothing to it; ``None`` when a side that varies with the seed has a
-    single run (nothing to tell noise by)."""
+    """Per bits, every row against the best (lowest mean) and against the row just above it:
+    ``within`` noise when the gap is at most twice its standard error
+    (sqrt(sd_a^2/n_a + sd_b^2/n_b)); a ``fixed`` row (no random draw: RTN) adds nothing to it;
+    ``None`` when a side that varies with the seed has a single run (nothing to tell noise by)."""
     out = []
     for bits in sorted({s["bits"] for s in summary if s["recipe"]}, key=lambda b: -(b or 0)):
         entries = [s for s in summary if s["bits"] == bits and s[measure]["mean"] is not None]
-        if len(entries) < 2:
-            continue
-        best = min(entries, key=lambda s: s[measure]["mean"])
-        for s in entries:
-            if s is best:
-                continue
-            gap = s[measure]["mean"] - best[measure]["mean"]
-            terms = [_variance(e, measure) for e in (best, s)]
-            se = None if None in terms else math.sqrt(sum(t for t in terms if t is not None))
-            within = None if se is None else gap <= 2 * se
-            out.append({"bits": bits, "best": _label(best), "other": _label(s), "gap": gap,
-                        "two_se": None if se is None else 2 * se, "within_noise": within})  # fmt: skip
+        entries.sort(key=lambda s: s[measure]["mean"])
+        for i, s in enumerate(entries[1:], start=1):
+            pairs = [("best", entries[0])] + ([("next", entries[i - 1])] if i > 1 else [])
+            for against, ref in pairs:
+                gap = s[measure]["mean"] - ref[measure]["mean"]
+                terms = [_variance(e, measure) for e in (ref, s)]
+                se = None if None in terms else math.sqrt(sum(t for t in terms if t is not None))
+                out.append({"bits": bits, "against": against, "reference": _label(ref),
+                            "other": _label(s), "gap": gap,
+                            "two_se": None if se is None else 2 * se,
+                            "within_noise": None if se is None else gap <= 2 * se})  # fmt: skip
     return out
 
 
@@ -143,7 +142,8 @@ def markdown(
         "for every seed.",
     ]
     if notes:
-        lines += ["", "Is a gap to the best row at the same bits more than seed noise (ppl)?", ""]
+        lines += ["", "Is a gap at the same bits more than seed noise (ppl; each row against the "
+                  "best and against the row just above it)?", ""]  # fmt: skip
         for n in notes:
             if n["within_noise"] is None:
                 verdict = "one run on a side: cannot tell noise from a difference"
@@ -151,6 +151,8 @@ def markdown(
                 word = "within noise" if n["within_noise"] else "beyond noise"
                 verdict = f"{word} (2 standard errors: {n['two_se']:,.2f})"
             where = f"W{n['bits']}" if n["bits"] else "default bits"
-            lines.append(f"- {where}: {n['other']} is {n['gap']:+,.2f} from {n['best']}: {verdict}")
+            lines.append(
+                f"- {where}: {n['other']} is {n['gap']:+,.2f} from {n['reference']}: {verdict}"
+            )
     lines += ["", "Command:", "", "```bash", command, "```", ""]
     return "\n".join(lines)

@@ -67,6 +67,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             "quantize_seconds": seconds,
             "peak_rss_mb": peak,
             "solve_seconds": qm.report["seconds"]["solve"],
+            "pipeline_seconds": qm.report["seconds"],
         }
     )
 
