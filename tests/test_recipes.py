@@ -264,3 +264,5 @@ def test_the_run_seed_reaches_every_seeded_step() -> None:
         "vq": 2,
     }
     assert load_recipe("gptq").with_seed(5).steps == load_recipe("gptq").steps  # nothing drawn
+    assert not load_recipe("rtn").draws_at_random()  # compare runs it once per bits
+    assert load_recipe("gptq").draws_at_random() and quarot.draws_at_random()

@@ -151,6 +151,7 @@ def test_limit_scores_only_the_first_documents(tiny_dir: Path, task_dir: Path) -
     [
         (["--tasks", "no_such_task"], "unknown lm-eval task(s) no_such_task"),
         (["--tasks", "fp_choice", "--include-path", "/nonexistent"], "is not a directory"),
+        (["--tasks", "no_such_task", "--limit", "0"], "--limit 0 is not valid"),
     ],
 )
 def test_bad_task_arguments_are_one_line_before_loading(

@@ -324,7 +324,7 @@ def evaluate(
     task_names = parse_tasks(tasks)
     manager = task_manager(include_path, task_names) if task_names else None
     if manager is not None:
-        check_tasks(task_names, manager)  # before anything is loaded
+        check_tasks(task_names, manager, limit)  # before anything is loaded
     qc: dict[str, Any] | None = None
     if isinstance(target, QuantizedModel) and has_meta_tensors(target.model):
         raise CompensatorError(

@@ -61,8 +61,11 @@ def task_manager(include_path: str | Path | None, tasks: Sequence[str] = ()) -> 
     return TaskManager(include_path=str(include_path))
 
 
-def check_tasks(tasks: Sequence[str], manager: Any) -> None:
-    """Refuse, in one line and before any model is loaded, task names lm-eval does not know."""
+def check_tasks(tasks: Sequence[str], manager: Any, limit: int | None = None) -> None:
+    """Refuse, in one line and before any model is loaded, task names lm-eval does not know
+    and a ``limit`` that is not a positive count."""
+    if limit is not None and limit < 1:
+        raise CompensatorError(f"--limit {limit} is not valid: use a positive count of documents")
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -102,9 +105,7 @@ def run_tasks(
     """Every task's metrics for ``model`` (lm-eval's ``simple_evaluate``, zero-shot)."""
     lm_eval, HFLM, _ = _lm_eval()
     manager = manager or task_manager(include_path, tasks)
-    check_tasks(tasks, manager)
-    if limit is not None and limit < 1:
-        raise CompensatorError(f"--limit {limit} is not valid: use a positive count of documents")
+    check_tasks(tasks, manager, limit)
     start = time.perf_counter()
     was_training = model.training
     lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size)
@@ -113,9 +114,10 @@ def run_tasks(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
         )
     except (ConnectionError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CompensatorError(
-            f"an lm-eval task could not read its data ({str(e).splitlines()[0][:160]}): offline, "
-            "define the task over local files and pass --include-path DIR"
+            f"an lm-eval task could not read its data ({first}): offline, define the task over "
+            "local files and pass --include-path DIR"
         ) from None
     finally:
         model.train(was_training)

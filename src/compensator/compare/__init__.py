@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from compensator.compare.cells import Settings, write_json
+from compensator.compare.cells import Settings, write_json, write_text
 from compensator.compare.report import markdown, noise, summarize
 from compensator.errors import CompensatorError
 
@@ -63,7 +64,8 @@ def compare(
         raise CompensatorError(f"--out {out} is a file; name a directory for the report")
     peer_rows = read_peers(peers or [])
     if settings.tasks:
-        check_tasks(settings.tasks, task_manager(settings.include_path, settings.tasks))
+        manager = task_manager(settings.include_path, settings.tasks)
+        check_tasks(settings.tasks, manager, settings.limit)
     t0 = time.perf_counter()
     rows = run_compare(
         settings, recipes, bits, seeds, out, threads=threads,
@@ -73,13 +75,10 @@ def compare(
     summary = summarize([*cells, *peer_rows])
     notes = noise(summary)
     protocol = _protocol(settings, fp, threads)
-    report = {"protocol": protocol, "settings": settings.__dict__, "fp": fp, "cells": cells,
+    report = {"protocol": protocol, "settings": asdict(settings), "fp": fp, "cells": cells,
               "peers": peer_rows, "summary": summary, "noise": notes, "command": command}  # fmt: skip
     write_json(out / "report.json", report)
-    page = markdown(summary, fp, notes, protocol, command)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "report.md")
+    write_text(out / "report.md", markdown(summary, fp, notes, protocol, command))
     frontier(summary, fp, out / "frontier.png", measure=measure, title=Path(settings.model).name)
     log.info("report of %d cells written to %s in %.1fs", len(rows), out, time.perf_counter() - t0)
     return report

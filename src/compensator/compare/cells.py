@@ -83,9 +83,13 @@ def finished(out: Path, cell: Cell, key: dict[str, Any]) -> dict[str, Any] | Non
     return row if row.get("key") == key else None
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write whole or not at all: a crash never leaves a truncated file that looks finished."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")

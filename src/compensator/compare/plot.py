@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from compensator.compare.report import is_peer, row_name
 from compensator.errors import CompensatorError
 
 _LABEL = {"ppl": "perplexity", "kl": "KL(FP || quantized)"}
@@ -34,10 +35,9 @@ def frontier(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     values = []
-    for label, points in _lines(summary, measure).items():
+    for (label, peer), points in _lines(summary, measure).items():
         points.sort()
         xs, ys, sds = zip(*points, strict=True)
-        peer = "(" in label
         ax.errorbar(xs, ys, yerr=[s or 0.0 for s in sds], marker="s" if peer else "o",
                     linestyle="--" if peer else "-", capsize=3, label=label)  # fmt: skip
         values += list(ys)
@@ -60,14 +60,12 @@ def frontier(
 
 def _lines(
     summary: Sequence[dict[str, Any]], measure: str
-) -> dict[str, list[tuple[float, float, float | None]]]:
-    """(bits per weight, mean, sd) per recipe (a peer toolkit's rows are their own line)."""
-    lines: dict[str, list[tuple[float, float, float | None]]] = {}
+) -> dict[tuple[str, bool], list[tuple[float, float, float | None]]]:
+    """(bits per weight, mean, sd) per (recipe, is a peer's): a peer toolkit's rows are their
+    own line."""
+    lines: dict[tuple[str, bool], list[tuple[float, float, float | None]]] = {}
     for s in summary:
         x, y = s["bits_per_weight"]["mean"], s[measure]["mean"]
-        if x is None or y is None:
-            continue
-        source = s.get("source", "compensator")
-        label = s["recipe"] if source == "compensator" else f"{s['recipe']} ({source})"
-        lines.setdefault(label, []).append((x, y, s[measure]["sd"]))
+        if x is not None and y is not None:
+            lines.setdefault((row_name(s), is_peer(s)), []).append((x, y, s[measure]["sd"]))
     return lines

@@ -92,10 +92,17 @@ def _variance(entry: dict[str, Any], measure: str) -> float | None:
     return None if stat["n"] < 2 else stat["sd"] ** 2 / stat["n"]
 
 
+def is_peer(entry: dict[str, Any]) -> bool:
+    return entry.get("source", "compensator") != "compensator"
+
+
+def row_name(entry: dict[str, Any]) -> str:
+    """The recipe, with the peer toolkit that ran it in brackets."""
+    return f"{entry['recipe']} ({entry['source']})" if is_peer(entry) else entry["recipe"]
+
+
 def _label(entry: dict[str, Any]) -> str:
-    source = entry.get("source", "compensator")
-    name = entry["recipe"] if source == "compensator" else f"{entry['recipe']} ({source})"
-    return f"{name} {entry.get('scheme') or ''}".strip()
+    return f"{row_name(entry)} {entry.get('scheme') or ''}".strip()
 
 
 def _fmt(stat: dict[str, Any], digits: int) -> str:
@@ -131,10 +138,10 @@ def markdown(
     lines.append("| FP | - | 1 | " + " | ".join(fp_cells.get(c, "-") for c in cols) + " |")
     order = sorted(summary, key=lambda s: (-(s["bits"] or 0), s["ppl"]["mean"] or math.inf))
     for s in order:
-        source = s.get("source", "compensator")
-        name = s["recipe"] if source == "compensator" else f"{s['recipe']} ({source})"
         values = [_fmt(s[c], _DIGITS.get(c, 4)) for c in cols]
-        lines.append(f"| {name} | {s['scheme'] or '-'} | {s['ppl']['n']} | {' | '.join(values)} |")
+        lines.append(
+            f"| {row_name(s)} | {s['scheme'] or '-'} | {s['ppl']['n']} | {' | '.join(values)} |"
+        )
     lines += [
         "",
         "Mean ± sample standard deviation over the calibration seeds of each row; a row with "

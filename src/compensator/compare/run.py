@@ -36,8 +36,7 @@ def check_recipes(recipes: list[str], bits: list[int | None], group_size: int | 
         base = load_recipe(name)
         for b in bits:
             base.with_overrides(bits=b, group_size=group_size)
-        has_seed = any("seed" in type(s).model_fields for s in base.steps)
-        seeded[name] = base.needs_data() or has_seed
+        seeded[name] = base.draws_at_random()
     return seeded
 
 

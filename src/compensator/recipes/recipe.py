@@ -121,18 +121,23 @@ class Recipe(BaseModel):
             [s.model_copy(update={"epochs": epochs}) if s in trainers else s for s in self.steps]
         )
 
+    def seeded_steps(self) -> list[StepConfig]:
+        """The steps that draw at random with their own ``seed`` (k-means, data order,
+        rotations)."""
+        return [s for s in self.steps if "seed" in type(s).model_fields]
+
+    def draws_at_random(self) -> bool:
+        """Whether a run's seed changes anything: calibration windows or a seeded step."""
+        return self.needs_data() or bool(self.seeded_steps())
+
     def with_seed(self, seed: int) -> Recipe:
-        """The same recipe with ``seed`` added to every step's own seed (k-means, data order,
-        rotations), so one calibration seed moves every random draw of a run; 0: unchanged."""
+        """The same recipe with ``seed`` added to every seeded step's own seed, so one
+        calibration seed moves every random draw of a run; 0: unchanged."""
         if seed == 0:
             return self
+        seeded = self.seeded_steps()
         return self.with_steps(
-            [
-                s.model_copy(update={"seed": s.seed + seed})
-                if "seed" in type(s).model_fields
-                else s
-                for s in self.steps
-            ]
+            [s.model_copy(update={"seed": s.seed + seed}) if s in seeded else s for s in self.steps]
         )
 
     def with_overrides(
