@@ -1,5 +1,5 @@
 """Peak memory against depth (issue 17): a random Llama of width 1024 (intermediate 4096)
-saved as safetensors with 4 and with 16 blocks, quantized in a fresh process each time,
+saved as safetensors with 4 and with 16 blocks (``--depths``), quantized in a fresh process each time,
 read block by block (``lazy``, the default of ``compensator quantize`` on a local
 directory) or loaded whole (``whole``, as before). Peak RSS is the process's ru_maxrss.
 
@@ -67,6 +67,7 @@ def measure(model: Path, recipe: str, mode: str, out: Path) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    lo, hi = result["depths"]
     lines = [
         "# Peak memory against depth",
         "",
@@ -74,16 +75,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Random Llama, width {WIDTH}, intermediate {INTERMEDIATE}, vocabulary {VOCAB}, "
         "safetensors; 4 x 128 calibration tokens (embedded corpus); a fresh process per row. "
-        f"12 more blocks are {result['twelve_blocks_mb']:.0f} MB of fp32 weights.",
+        f"{hi - lo} more blocks are {result['more_blocks_mb']:.0f} MB of fp32 weights.",
         "",
-        "| recipe | mode | peak RSS 4 blocks (MB) | peak RSS 16 blocks (MB) | difference (MB) "
-        "| s (4) | s (16) |",
+        f"| recipe | mode | peak RSS {lo} blocks (MB) | peak RSS {hi} blocks (MB) "
+        f"| difference (MB) | s ({lo}) | s ({hi}) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['recipe']} | {r['mode']} | {r['rss_4']:.0f} | {r['rss_16']:.0f} | "
-            f"{r['rss_16'] - r['rss_4']:+.0f} | {r['s_4']:.1f} | {r['s_16']:.1f} |"
+            f"| {r['recipe']} | {r['mode']} | {r[f'rss_{lo}']:.0f} | {r[f'rss_{hi}']:.0f} | "
+            f"{r[f'rss_{hi}'] - r[f'rss_{lo}']:+.0f} | {r[f's_{lo}']:.1f} | {r[f's_{hi}']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -94,16 +95,19 @@ def main() -> None:
     ap.add_argument("--modes", default="lazy,whole")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where to write the files")
     ap.add_argument("--name", default="big-models")
+    ap.add_argument("--depths", default="4,16", help="the two block counts compared")
     args = ap.parse_args()
+    lo, hi = sorted(int(n) for n in args.depths.split(","))
     blocks = 2 * WIDTH**2 + 2 * 256 * WIDTH + 3 * WIDTH * INTERMEDIATE
     result: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/big_models.py", *sys.argv[1:]]),
-        "twelve_blocks_mb": 12 * blocks * 4 / 1e6,
+        "depths": [lo, hi],
+        "more_blocks_mb": (hi - lo) * blocks * 4 / 1e6,
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
-        models = {n: build(n, where) for n in (4, 16)}
+        models = {n: build(n, where) for n in (lo, hi)}
         for recipe in args.recipes.split(","):
             for mode in args.modes.split(","):
                 row: dict[str, Any] = {"recipe": recipe, "mode": mode}

@@ -92,9 +92,12 @@ def test_kill_at_half_then_resume_on_smollm2(tmp_path: Path) -> None:
     for name in ("model.safetensors", "config.json", "recipe.yaml", "manifest.json"):
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
     assert not state_dir(out).exists()
-    # Both times include start-up and model loading (~10 s here).
-    print(f"uninterrupted {t_whole:.1f}s, resumed after the kill {t_resume:.1f}s")
-    assert t_resume < 0.8 * t_whole, (t_resume, t_whole)
+    # The rerun redoes only the blocks the kill interrupted. Said by the run itself, not by
+    # wall times, which a busy machine makes too noisy to assert (both include ~10 s of
+    # start-up and loading).
+    start = int(re.search(r"continuing at block (\d+)", done.stderr)[1])
+    assert BLOCKS // 2 - 1 <= start < BLOCKS, done.stderr
+    print(f"uninterrupted {t_whole:.1f}s, resumed at block {start} after the kill {t_resume:.1f}s")
 
 
 def _check_plan(model: Path, stdout: str) -> None:

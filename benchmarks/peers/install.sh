@@ -3,11 +3,14 @@
 # (PEERS_HOME, default ~/.cache/compensator-peers), pinned to the versions of ../shared/PEERS.md,
 # on the same CPU torch as ours. CI does not run this; benchmarks/peers/run.py uses it.
 set -euo pipefail
+# Only the named venvs when given (bash install.sh gptqmodel), else all of them.
+ONLY=" ${*:-} "
 HOME_DIR=${PEERS_HOME:-$HOME/.cache/compensator-peers}
 PY=${PYTHON:-python3}
 mkdir -p "$HOME_DIR"
 
 venv() {  # venv NAME PACKAGE...
+  [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $1 "* ]] || return 0
   local dir="$HOME_DIR/$1"
   shift
   [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
@@ -21,3 +24,5 @@ venv() {  # venv NAME PACKAGE...
 }
 
 venv llm-compressor "llmcompressor==0.14.0.1"
+venv gptqmodel "gptqmodel==7.6.0"
+venv auto-round "auto-round==0.16.1"

@@ -29,13 +29,32 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 HOME = Path(os.environ.get("PEERS_HOME", Path.home() / ".cache" / "compensator-peers"))
-# name -> (virtual environment, script, method as the report shows it, toolkit version)
+# name -> (virtual environment, script and its extra arguments, method as the report shows
+# it, toolkit version)
 PEERS = {
     "llm-compressor-gptq": (
         "llm-compressor",
-        "llmcompressor_gptq.py",
+        ["llmcompressor_gptq.py"],
         "GPTQ (damp 0.01, static act-order)",
         "llm-compressor 0.14.0.1",
+    ),
+    "gptqmodel-gptq": (
+        "gptqmodel",
+        ["gptqmodel_gptq.py"],
+        "GPTQ (damp 0.05, no act-order)",
+        "GPTQModel 7.6.0",
+    ),
+    "gptqmodel-gptaq": (
+        "gptqmodel",
+        ["gptqmodel_gptq.py", "--gptaq"],
+        "GPTAQ (alpha 0.25)",
+        "GPTQModel 7.6.0",
+    ),
+    "autoround": (
+        "auto-round",
+        ["autoround_signround.py"],
+        "SignRound (10 iterations, bf16)",
+        "AutoRound 0.16.1",
     ),
 }
 
@@ -70,11 +89,13 @@ def run_row(args: argparse.Namespace, peer: str, bits: int, seed: int) -> dict[s
     ids = load_calibration_windows(tok, args.calib, args.calib_windows, 512, seed)
     with tempfile.TemporaryDirectory() as tmp:
         save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
-        cmd = [str(python), str(HERE / script), args.model, f"{tmp}/calib.safetensors",
+        model = str(Path(args.model).resolve())
+        cmd = [str(python), str(HERE / script[0]), model, f"{tmp}/calib.safetensors",
                f"{tmp}/model", "--bits", str(bits), "--group-size", str(args.group_size),
-               "--threads", str(args.threads)]  # fmt: skip
+               "--threads", str(args.threads), *script[1:]]  # fmt: skip
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        # In the temporary directory: GPTQModel writes a logs/ folder where it runs.
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, cwd=tmp)
         if done.returncode != 0:
             raise RuntimeError(f"{peer} W{bits} seed {seed} failed:\n{done.stderr[-3000:]}")
         measured = json.loads(done.stdout.strip().splitlines()[-1])
