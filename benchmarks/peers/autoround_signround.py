@@ -12,21 +12,13 @@ line: seconds, peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from peer_common import peak_rss_mb, peer_parser
 
 ITERS = 10
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def check_on_grid(model: torch.nn.Module, bits: int, group_size: int) -> int:
@@ -46,13 +38,7 @@ def check_on_grid(model: torch.nn.Module, bits: int, group_size: int) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("out")
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = peer_parser()
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

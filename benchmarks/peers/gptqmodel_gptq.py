@@ -13,21 +13,13 @@ seconds, peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from peer_common import peak_rss_mb, peer_parser
 
 
 def dequantized_state(qmodel: torch.nn.Module, plain: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,13 +45,7 @@ def dequantized_state(qmodel: torch.nn.Module, plain: torch.nn.Module) -> dict[s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("out")
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = peer_parser()
     ap.add_argument("--gptaq", action="store_true", help="GPTAQ (alpha 0.25) instead of GPTQ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

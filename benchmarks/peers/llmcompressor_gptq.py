@@ -10,19 +10,11 @@ environment exactly like our own rows. Prints one JSON line: seconds, peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from peer_common import peak_rss_mb, peer_parser
 
 
 def pad_last_group() -> None:
@@ -71,13 +63,7 @@ def dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("out")
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = peer_parser()
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
