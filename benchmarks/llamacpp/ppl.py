@@ -1,0 +1,206 @@
+"""Our GGUF exports against llama.cpp's own quantization, measured by llama.cpp itself.
+
+llama.cpp quantizes activations to 8 bits in its dot products, so its perplexity is compared
+only with its own: every row here is a GGUF file scored by ``llama-perplexity`` on the same
+text (WikiText-2 test, 512-token chunks, the second half of each chunk scored, as llama.cpp
+does), with the KL divergence to the F32 model's logits. Rows:
+- ``F32``: the source dequantized by ``llama-quantize --allow-requantize`` (the reference);
+- ``llama-quantize``: the same F32 file quantized by llama.cpp to TYPE, all block Linears at
+  TYPE (``--pure``), token embedding and output kept F32 as our exporter keeps them; and
+  again ``--imatrix`` from ``llama-imatrix`` over the text of our calibration windows of that
+  seed (the same tokens our recipes calibrate on, decoded);
+- ours: ``compensator quantize`` (W4 g32 symmetric for Q4_0, asymmetric for Q4_1) then
+  ``compensator export --format gguf --gguf-type TYPE``.
+GGUFs and logits live in LLAMACPP_HOME/work (outside the repo); results go to
+benchmarks/results/llamacpp.{json,md}, rewritten after every row (a rerun skips its rows).
+
+    bash benchmarks/llamacpp/build.sh
+    export COMPENSATOR_DATA=../shared/data
+    python benchmarks/llamacpp/ppl.py --types Q4_0 --recipes rtn,gptq,gptaq-exact --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+HOME = Path(os.environ.get("LLAMACPP_HOME", Path.home() / ".cache" / "compensator-llamacpp"))
+BIN, WORK = HOME / "build" / "bin", HOME / "work"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+SCHEME = {"Q4_0": ["--bits", "4", "--group-size", "32", "--sym"],
+          "Q4_1": ["--bits", "4", "--group-size", "32", "--asym"]}  # fmt: skip
+
+
+def run(cmd: list[str], log: Path) -> tuple[str, float]:
+    """Run a command, its output kept in ``log``; its output and seconds."""
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        sys.exit(f"failed ({log}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    return done.stdout + done.stderr, seconds
+
+
+def texts(args: argparse.Namespace, seeds: list[int]) -> tuple[Path, dict[int, Path]]:
+    """The evaluation text and, per seed, the decoded text of our calibration windows."""
+    from compensator.data import load_calibration_windows, resolve_text
+    from compensator.models.loading import load_model
+
+    test = WORK / "wikitext2-test.txt"
+    test.write_text(resolve_text(args.data, "eval")[0])
+    tok = load_model(args.model).tokenizer
+    calib = {}
+    for seed in seeds:
+        ids = load_calibration_windows(tok, args.calib, args.calib_windows, 512, seed)
+        calib[seed] = WORK / f"calib-s{seed}.txt"
+        calib[seed].write_text("".join(tok.decode(row) for row in ids))
+    return test, calib
+
+
+def perplexity(args: argparse.Namespace, gguf: Path, test: Path) -> list[str]:
+    return [str(BIN / "llama-perplexity"), "-m", str(gguf), "-f", str(test), "-c", "512",
+            "--chunks", str(args.chunks), "-t", str(args.threads), "-b", "512"]  # fmt: skip
+
+
+def score(args: argparse.Namespace, gguf: Path, test: Path, base: Path) -> dict[str, float]:
+    """llama-perplexity's ppl, mean KL and same-top-token share against the F32 logits."""
+    out, _ = run([*perplexity(args, gguf, test), "--kl-divergence-base", str(base),
+                  "--kl-divergence"], gguf.with_suffix(".ppl.log"))  # fmt: skip
+    return {
+        "ppl": float(re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out)[1]),
+        "kl": float(re.search(r"Mean\s+KLD:\s*([\d.]+)", out)[1]),
+        "same_top_pct": float(re.search(r"Same top p:\s*([\d.]+)", out)[1]),
+    }
+
+
+def llama_quantize(src: Path, out: Path, qtype: str, imatrix: Path | None) -> tuple[Path, float]:
+    cmd = [str(BIN / "llama-quantize"), "--allow-requantize"]
+    if qtype != "F32":
+        cmd += ["--pure", "--token-embedding-type", "f32", "--output-tensor-type", "f32"]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    return out, run([*cmd, str(src), str(out), qtype], out.with_suffix(".log"))[1]
+
+
+def ours(
+    args: argparse.Namespace, src: Path, recipe: str, qtype: str, seed: int
+) -> tuple[Path, float]:
+    """Our recipe quantized and exported to ``qtype``; the GGUF and the quantize seconds."""
+    ckpt, out = WORK / f"{recipe}-{qtype}-s{seed}", WORK / f"{recipe}-{qtype}-s{seed}.gguf"
+    cli = [sys.executable, "-m", "compensator"]
+    _, seconds = run([*cli, "quantize", args.model, "--recipe", recipe, *SCHEME[qtype],
+                      "--calib", args.calib, "--calib-windows", str(args.calib_windows),
+                      "--seqlen", "512", "--seed", str(seed), "--out", str(ckpt), "--force",
+                      "--no-progress"], ckpt.with_suffix(".log"))  # fmt: skip
+    run([*cli, "export", str(ckpt), "--format", "gguf", "--gguf-type", qtype, "--gguf-base",
+         str(src), "--out", str(out), "--force"], out.with_suffix(".export.log"))  # fmt: skip
+    return out, seconds
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Our GGUF exports against llama-quantize, scored by llama.cpp",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"{result['protocol']}",
+        "",
+        "| type | method | seed | ppl | KL to F32 | same top token % | quantize s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        top = f"{r['same_top_pct']:.2f}" if "same_top_pct" in r else ""
+        lines.append(f"| {r['type']} | {r['method']} | {r.get('seed', '')} | {r['ppl']:.4f} | "
+                     f"{r['kl']:.5f} | {top} | {r['seconds']:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m", help="built-in name or GGUF file")
+    ap.add_argument("--types", default="Q4_0")
+    ap.add_argument("--recipes", default="rtn,gptq,gptaq-exact")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--data", default="wikitext2")
+    ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from compensator.models.loading import gguf_source
+    from compensator.recipes.recipe import load_recipe
+
+    if not (BIN / "llama-perplexity").is_file():
+        sys.exit(f"{BIN} has no llama.cpp tools: run bash benchmarks/llamacpp/build.sh first")
+    src = gguf_source(args.model)
+    if src is None:
+        sys.exit(f"{args.model} is not a GGUF file or a built-in GGUF model")
+    WORK.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recipes = args.recipes.split(",")
+    seeded = {r: load_recipe(r).draws_at_random() for r in recipes}
+    test, calib = texts(args, seeds)
+    path = RESULTS / "llamacpp.json"
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    protocol = (f"{args.model} ({src.name}); llama-perplexity on the first {args.chunks} "
+                f"512-token chunks of {args.data} test, {args.threads} threads; calibration "
+                f"{args.calib}, {args.calib_windows} x 512 per seed")  # fmt: skip
+    result = {"command": " ".join(["python", "benchmarks/llamacpp/ppl.py", *sys.argv[1:]]),
+              "protocol": protocol, "llama_cpp": (HOME / "build" / "VERSION").read_text().strip(),
+              "rows": []}  # fmt: skip
+    f32, base = WORK / "f32.gguf", WORK / f"f32-{args.chunks}.kld"
+
+    def row(key: dict[str, Any], make: Any) -> None:
+        key = {**key, "chunks": args.chunks, "data": args.data, "model": args.model}
+        hit = next((r for r in old if r["key"] == key), None)
+        if hit is None:
+            gguf, seconds = make()
+            hit = {**{k: key[k] for k in ("type", "method", "seed") if k in key}, "key": key,
+                   **score(args, gguf, test, base), "seconds": seconds}  # fmt: skip
+            print(json.dumps({k: v for k, v in hit.items() if k != "key"}), flush=True)
+        result["rows"].append(hit)
+        RESULTS.mkdir(exist_ok=True)
+        for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(result))):
+            tmp = RESULTS / f".llamacpp{suffix}.tmp"
+            tmp.write_text(text)
+            tmp.replace(RESULTS / f"llamacpp{suffix}")
+
+    if not f32.is_file():
+        llama_quantize(src, f32, "F32", None)
+    if not base.is_file():  # the F32 model's logits, which every row's KL is taken against
+        run([*perplexity(args, f32, test), "--kl-divergence-base", str(base)],
+            base.with_suffix(".log"))  # fmt: skip
+    row({"type": "F32", "method": "F32 (source dequantized)"}, lambda: (f32, 0.0))
+    for qtype in args.types.split(","):
+        out = WORK / f"llama-{qtype}.gguf"
+        row({"type": qtype, "method": "llama-quantize"},
+            partial(llama_quantize, f32, out, qtype, None))  # fmt: skip
+        for seed in seeds:
+            imatrix = WORK / f"imatrix-s{seed}.gguf"
+            if not imatrix.is_file():
+                run([str(BIN / "llama-imatrix"), "-m", str(f32), "-f", str(calib[seed]), "-c",
+                     "512", "-t", str(args.threads), "-o", str(imatrix)],
+                    imatrix.with_suffix(".log"))  # fmt: skip
+            out_i = WORK / f"llama-{qtype}-imatrix-s{seed}.gguf"
+            row({"type": qtype, "method": "llama-quantize + imatrix", "seed": seed},
+                partial(llama_quantize, f32, out_i, qtype, imatrix))  # fmt: skip
+            for recipe in recipes:
+                if seed != seeds[0] and not seeded[recipe]:
+                    continue  # nothing in it is drawn at random: one run
+                row({"type": qtype, "method": f"compensator {recipe}", "seed": seed},
+                    partial(ours, args, src, recipe, qtype, seed))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
