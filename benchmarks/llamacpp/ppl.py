@@ -34,6 +34,9 @@ from typing import Any
 
 HOME = Path(os.environ.get("LLAMACPP_HOME", Path.home() / ".cache" / "compensator-llamacpp"))
 BIN, WORK = HOME / "build" / "bin", HOME / "work"
+# This llama.cpp's repacked CPU kernels segfault on Q4_0 files (llama-quantize's own, too)
+# on an AVX512-VNNI machine; the plain kernels score them.
+NO_REPACK = ["--no-repack"]
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 SCHEME = {"Q4_0": ["--bits", "4", "--group-size", "32", "--sym"],
           "Q4_1": ["--bits", "4", "--group-size", "32", "--asym"]}  # fmt: skip
@@ -68,7 +71,7 @@ def texts(args: argparse.Namespace, seeds: list[int]) -> tuple[Path, dict[int, P
 
 def perplexity(args: argparse.Namespace, gguf: Path, test: Path) -> list[str]:
     return [str(BIN / "llama-perplexity"), "-m", str(gguf), "-f", str(test), "-c", "512",
-            "--chunks", str(args.chunks), "-t", str(args.threads), "-b", "512"]  # fmt: skip
+            "--chunks", str(args.chunks), "-t", str(args.threads), "-b", "512", *NO_REPACK]  # fmt: skip
 
 
 def score(args: argparse.Namespace, gguf: Path, test: Path, base: Path) -> dict[str, float]:
@@ -190,7 +193,7 @@ def main() -> None:
             imatrix = WORK / f"imatrix-s{seed}.gguf"
             if not imatrix.is_file():
                 run([str(BIN / "llama-imatrix"), "-m", str(f32), "-f", str(calib[seed]), "-c",
-                     "512", "-t", str(args.threads), "-o", str(imatrix)],
+                     "512", "-t", str(args.threads), "-o", str(imatrix), *NO_REPACK],
                     imatrix.with_suffix(".log"))  # fmt: skip
             out_i = WORK / f"llama-{qtype}-imatrix-s{seed}.gguf"
             row({"type": qtype, "method": "llama-quantize + imatrix", "seed": seed},
