@@ -37,7 +37,7 @@ BIN, WORK = HOME / "build" / "bin", HOME / "work"
 # This llama.cpp's repacked CPU kernels segfault on Q4_0 files (llama-quantize's own, too)
 # on an AVX512-VNNI machine; the plain kernels score them.
 NO_REPACK = ["--no-repack"]
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+BENCHMARKS = Path(__file__).resolve().parents[1]
 SCHEME = {"Q4_0": ["--bits", "4", "--group-size", "32", "--sym"],
           "Q4_1": ["--bits", "4", "--group-size", "32", "--asym"]}  # fmt: skip
 
@@ -64,7 +64,7 @@ def texts(args: argparse.Namespace, seeds: list[int]) -> tuple[Path, dict[int, P
     calib = {}
     for seed in seeds:
         ids = load_calibration_windows(tok, args.calib, args.calib_windows, 512, seed)
-        calib[seed] = WORK / f"calib-s{seed}.txt"
+        calib[seed] = WORK / f"calib-{args.calib_windows}-s{seed}.txt"
         calib[seed].write_text("".join(tok.decode(row) for row in ids))
     return test, calib
 
@@ -74,8 +74,12 @@ def perplexity(args: argparse.Namespace, gguf: Path, test: Path) -> list[str]:
             "--chunks", str(args.chunks), "-t", str(args.threads), "-b", "512", *NO_REPACK]  # fmt: skip
 
 
-def score(args: argparse.Namespace, gguf: Path, test: Path, base: Path) -> dict[str, float]:
+def score(args: argparse.Namespace, gguf: Path, test: Path, f32: Path) -> dict[str, float]:
     """llama-perplexity's ppl, mean KL and same-top-token share against the F32 logits."""
+    base = WORK / f"f32-{args.data}-{args.chunks}.kld"
+    if not base.is_file():  # the F32 model's logits, which every row's KL is taken against
+        run([*perplexity(args, f32, test), "--kl-divergence-base", str(base)],
+            base.with_suffix(".log"))  # fmt: skip
     out, _ = run([*perplexity(args, gguf, test), "--kl-divergence-base", str(base),
                   "--kl-divergence"], gguf.with_suffix(".ppl.log"))  # fmt: skip
     return {
@@ -92,6 +96,17 @@ def llama_quantize(src: Path, out: Path, qtype: str, imatrix: Path | None) -> tu
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
     return out, run([*cmd, str(src), str(out), qtype], out.with_suffix(".log"))[1]
+
+
+def imatrix_quantize(
+    args: argparse.Namespace, f32: Path, calib: Path, out: Path, qtype: str
+) -> tuple[Path, float]:
+    """llama-quantize with an imatrix that llama-imatrix computes over ``calib``."""
+    imatrix = WORK / f"imatrix-{calib.stem}.gguf"
+    run([str(BIN / "llama-imatrix"), "-m", str(f32), "-f", str(calib), "-c", "512",
+         "-t", str(args.threads), "-o", str(imatrix), *NO_REPACK],
+        imatrix.with_suffix(".log"))  # fmt: skip
+    return llama_quantize(f32, out, qtype, imatrix)
 
 
 def ours(
@@ -117,13 +132,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['protocol']}",
         "",
-        "| type | method | seed | ppl | KL to F32 | same top token % | quantize s |",
+        "Seconds: llama-quantize's conversion; for ours the whole `compensator quantize` "
+        "process (loading the GGUF included).",
+        "",
+        "| type | method | seed | ppl | KL to F32 | same top token % | seconds |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
-        top = f"{r['same_top_pct']:.2f}" if "same_top_pct" in r else ""
         lines.append(f"| {r['type']} | {r['method']} | {r.get('seed', '')} | {r['ppl']:.4f} | "
-                     f"{r['kl']:.5f} | {top} | {r['seconds']:.1f} |")  # fmt: skip
+                     f"{r['kl']:.5f} | {r['same_top_pct']:.2f} | {r['seconds']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +158,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks' shared results writer
+    from common import write
     from compensator.models.loading import gguf_source
     from compensator.recipes.recipe import load_recipe
 
@@ -154,7 +173,7 @@ def main() -> None:
     recipes = args.recipes.split(",")
     seeded = {r: load_recipe(r).draws_at_random() for r in recipes}
     test, calib = texts(args, seeds)
-    path = RESULTS / "llamacpp.json"
+    path = BENCHMARKS / "results" / "llamacpp.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     protocol = (f"{args.model} ({src.name}); llama-perplexity on the first {args.chunks} "
                 f"512-token chunks of {args.data} test, {args.threads} threads; calibration "
@@ -162,7 +181,7 @@ def main() -> None:
     result = {"command": " ".join(["python", "benchmarks/llamacpp/ppl.py", *sys.argv[1:]]),
               "protocol": protocol, "llama_cpp": (HOME / "build" / "VERSION").read_text().strip(),
               "rows": []}  # fmt: skip
-    f32, base = WORK / "f32.gguf", WORK / f"f32-{args.chunks}.kld"
+    f32 = WORK / "f32.gguf"
 
     def row(key: dict[str, Any], make: Any) -> None:
         key = {**key, "chunks": args.chunks, "data": args.data, "model": args.model}
@@ -170,34 +189,22 @@ def main() -> None:
         if hit is None:
             gguf, seconds = make()
             hit = {**{k: key[k] for k in ("type", "method", "seed") if k in key}, "key": key,
-                   **score(args, gguf, test, base), "seconds": seconds}  # fmt: skip
+                   **score(args, gguf, test, f32), "seconds": seconds}  # fmt: skip
             print(json.dumps({k: v for k, v in hit.items() if k != "key"}), flush=True)
         result["rows"].append(hit)
-        RESULTS.mkdir(exist_ok=True)
-        for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(result))):
-            tmp = RESULTS / f".llamacpp{suffix}.tmp"
-            tmp.write_text(text)
-            tmp.replace(RESULTS / f"llamacpp{suffix}")
+        write("llamacpp", result, markdown(result))
 
     if not f32.is_file():
         llama_quantize(src, f32, "F32", None)
-    if not base.is_file():  # the F32 model's logits, which every row's KL is taken against
-        run([*perplexity(args, f32, test), "--kl-divergence-base", str(base)],
-            base.with_suffix(".log"))  # fmt: skip
     row({"type": "F32", "method": "F32 (source dequantized)"}, lambda: (f32, 0.0))
     for qtype in args.types.split(","):
         out = WORK / f"llama-{qtype}.gguf"
         row({"type": qtype, "method": "llama-quantize"},
             partial(llama_quantize, f32, out, qtype, None))  # fmt: skip
         for seed in seeds:
-            imatrix = WORK / f"imatrix-s{seed}.gguf"
-            if not imatrix.is_file():
-                run([str(BIN / "llama-imatrix"), "-m", str(f32), "-f", str(calib[seed]), "-c",
-                     "512", "-t", str(args.threads), "-o", str(imatrix), *NO_REPACK],
-                    imatrix.with_suffix(".log"))  # fmt: skip
             out_i = WORK / f"llama-{qtype}-imatrix-s{seed}.gguf"
             row({"type": qtype, "method": "llama-quantize + imatrix", "seed": seed},
-                partial(llama_quantize, f32, out_i, qtype, imatrix))  # fmt: skip
+                partial(imatrix_quantize, args, f32, calib[seed], out_i, qtype))  # fmt: skip
             for recipe in recipes:
                 if seed != seeds[0] and not seeded[recipe]:
                     continue  # nothing in it is drawn at random: one run
