@@ -2,7 +2,7 @@
 # Build llama.cpp's llama-quantize, llama-imatrix and llama-perplexity once, outside the
 # repository (LLAMACPP_HOME, default ~/.cache/compensator-llamacpp), from the llama.cpp that
 # the pinned llama-cpp-python source distribution vendors (PyPI is reachable here; GitHub is
-# not). CPU only, native instructions, static. ~10-20 min on 2 cores; a second call is a no-op.
+# not). CPU only, native instructions, static. 3 min on 2 cores here; a second call is a no-op.
 # CI does not run this; benchmarks/llamacpp/ppl.py uses it.
 set -euo pipefail
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
