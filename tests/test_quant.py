@@ -48,10 +48,34 @@ def test_fake_quantize_error_bounded_by_half_step(bits: int, sym: bool) -> None:
     wq = fake_quantize(w, spec)
     params = fit_params(w, spec)
     step = params.scale[:, spec.group_of_columns(96)]
-    assert ((w - wq).abs() <= step / 2 + 1e-6).all()
     codes = quantize_with_params(w, params, spec)
     assert codes.min() >= 0 and codes.max() <= spec.maxq
     assert len(torch.unique(wq[0, :32])) <= 2**bits
+    err = (w - wq).abs()
+    if not sym:
+        assert (err <= step / 2 + 1e-6).all()
+        return
+    # Symmetric: the larger end sits on the lowest level exactly; the other end may lie up
+    # to one step beyond the highest level, so only the top code can be more than half a
+    # step off, by at most a whole step.
+    top = codes == spec.maxq
+    assert (err[~top] <= step.abs()[~top] / 2 + 1e-6).all()
+    assert (err <= step.abs() + 1e-6).all()
+    group = w[:, :32]
+    extreme = group.gather(1, group.abs().argmax(1, keepdim=True))
+    assert torch.allclose(wq[:, :32].gather(1, group.abs().argmax(1, keepdim=True)), extreme)
+
+
+def test_symmetric_grid_beats_the_mirrored_rule() -> None:
+    """The signed rule against the GPTQ reference code's 2 max|w| / maxq, brute force."""
+    w = torch.randn(512, 32, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3, 4, 8):
+        spec = QuantSpec(bits=bits, group_size=32, symmetric=True, scale_dtype="float32")
+        half = 2 ** (bits - 1)
+        s = 2 * w.abs().amax(1, keepdim=True) / spec.maxq
+        mirrored = (torch.clamp(torch.round(w / s) + half, 0, spec.maxq) - half) * s
+        ours = (fake_quantize(w, spec) - w).pow(2).mean()
+        assert ours < 0.95 * (mirrored - w).pow(2).mean(), bits
 
 
 def test_clip_search_never_worse_in_its_norm() -> None:

@@ -12,7 +12,8 @@ does), with the KL divergence to the F32 model's logits. Rows:
 - ours: ``compensator quantize`` (W4 g32 symmetric for Q4_0, asymmetric for Q4_1) then
   ``compensator export --format gguf --gguf-type TYPE``.
 GGUFs and logits live in LLAMACPP_HOME/work (outside the repo); results go to
-benchmarks/results/llamacpp.{json,md}, rewritten after every row (a rerun skips its rows).
+benchmarks/results/llamacpp.{json,md}, rewritten after every row (a rerun skips its rows and keeps
+those of earlier commands; delete the JSON when our rounding changes).
 
     bash benchmarks/llamacpp/build.sh
     export COMPENSATOR_DATA=../shared/data
@@ -128,7 +129,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Our GGUF exports against llama-quantize, scored by llama.cpp",
         "",
-        f"Command: `{result['command']}`",
+        "Commands (rows of earlier commands stay until a command asks for them again):",
+        "",
+        *(f"    {c}" for c in result["commands"]),
         "",
         f"{result['protocol']}",
         "",
@@ -174,11 +177,14 @@ def main() -> None:
     seeded = {r: load_recipe(r).draws_at_random() for r in recipes}
     test, calib = texts(args, seeds)
     path = BENCHMARKS / "results" / "llamacpp.json"
-    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    earlier = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+    old = earlier["rows"]
+    command = " ".join(["python", "benchmarks/llamacpp/ppl.py", *sys.argv[1:]])
     protocol = (f"{args.model} ({src.name}); llama-perplexity on the first {args.chunks} "
                 f"512-token chunks of {args.data} test, {args.threads} threads; calibration "
                 f"{args.calib}, {args.calib_windows} x 512 per seed")  # fmt: skip
-    result = {"command": " ".join(["python", "benchmarks/llamacpp/ppl.py", *sys.argv[1:]]),
+    commands = [c for c in earlier.get("commands", []) if c != command] + [command]
+    result = {"commands": commands,
               "protocol": protocol, "llama_cpp": (HOME / "build" / "VERSION").read_text().strip(),
               "rows": []}  # fmt: skip
     f32 = WORK / "f32.gguf"
@@ -192,7 +198,10 @@ def main() -> None:
                    **score(args, gguf, test, f32), "seconds": seconds}  # fmt: skip
             print(json.dumps({k: v for k, v in hit.items() if k != "key"}), flush=True)
         result["rows"].append(hit)
-        write("llamacpp", result, markdown(result))
+        # rows of earlier runs that this one did not ask for stay in the table
+        kept = [r for r in old if all(r["key"] != n["key"] for n in result["rows"])]
+        write("llamacpp", {**result, "rows": result["rows"] + kept},
+              markdown({**result, "rows": result["rows"] + kept}))  # fmt: skip
 
     if not f32.is_file():
         llama_quantize(src, f32, "F32", None)

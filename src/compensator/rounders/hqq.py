@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from compensator.quant.grid import fit_group
+from compensator.quant.grid import fit_group, nonzero_scale
 from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec, quantize_codes
 
 
@@ -43,8 +43,9 @@ def _refit(
         zero = z.clamp(0, spec.maxq)
     centred = codes - zero[:, None]
     scale = (target * centred).sum(1) / centred.pow(2).sum(1).clamp_min(1e-30)
-    scale = scale.clamp_min(torch.finfo(spec.torch_scale_dtype).tiny)
-    return scale.to(spec.torch_scale_dtype).float(), zero
+    if not spec.symmetric:  # a zero point is a positive scale's
+        scale = scale.clamp_min(torch.finfo(spec.torch_scale_dtype).tiny)
+    return nonzero_scale(scale, spec).to(spec.torch_scale_dtype).float(), zero
 
 
 def hqq_group(
