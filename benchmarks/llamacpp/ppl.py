@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -144,7 +145,21 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['type']} | {r['method']} | {r.get('seed', '')} | {r['ppl']:.4f} | "
                      f"{r['kl']:.5f} | {r['same_top_pct']:.2f} | {r['seconds']:.1f} |")  # fmt: skip
+    lines += ["", "Over seeds (mean ± sample sd; one row: that run):", "",
+              "| type | method | runs | ppl | KL to F32 |", "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["type"], r["method"]), []).append(r)
+    for (qtype, method), rows in groups.items():
+        ppl, kl = (spread([r[k] for r in rows], digits) for k, digits in (("ppl", 2), ("kl", 4)))
+        lines.append(f"| {qtype} | {method} | {len(rows)} | {ppl} | {kl} |")
     return "\n".join(lines) + "\n"
+
+
+def spread(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
