@@ -50,7 +50,9 @@ def nonzero_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     but nonzero range must not underflow to 0 in the scale dtype (0/0 would give NaN)."""
     scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     tiny = torch.finfo(spec.torch_scale_dtype).tiny
-    return torch.where(scale.abs() < tiny, torch.copysign(torch.full_like(scale, tiny), scale), scale)
+    return torch.where(
+        scale.abs() < tiny, torch.copysign(torch.full_like(scale, tiny), scale), scale
+    )
 
 
 def params_from_range(
