@@ -190,7 +190,7 @@ def main() -> None:
 
     kernel = qgemv()
     meta = {"command": "python benchmarks/inference.py --threads " + args.threads,
-            "kernel": None if kernel is None else {"avx2": kernel.has_avx2()},
+            "kernel": kernel and {"avx2": kernel.has_avx2(), "avx512": kernel.has_avx512()},
             "prompt": PROMPT, "new_tokens": NEW, "prefill": PREFILL}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
@@ -200,7 +200,8 @@ def main() -> None:
         f"`{meta['command']}`; decode: batch 1, prompt {PROMPT}, {NEW} new tokens (greedy, KV "
         f"cache), prompt time excluded; prefill: 1 x {PREFILL}. Medians of 3 interleaved rounds. "
         "Quantized-layer bytes: the buffers of the block Linears (FP32: their weights); "
-        "embeddings and the tied LM head stay FP32 in every row.",
+        "embeddings and the tied LM head stay FP32 in every row. Int4 kernel paths compiled: "
+        f"{meta['kernel']}.",
         "",
     ]
     for t in threads:

@@ -32,7 +32,9 @@ def test_the_kernel_is_built() -> None:
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 200])  # <= 16: GEMV kernel; more: dequantize
 @pytest.mark.parametrize(
-    ("out", "inp", "group"), [(96, 576, 128), (64, 200, 40), (48, 64, None), (40, 96, 32)]
+    ("out", "inp", "group"),
+    # 584 = 4 x 128 + 72: a ragged last group of 9 words (odd); 38 rows: a tail of 2 rows
+    [(96, 576, 128), (64, 200, 40), (48, 64, None), (40, 96, 32), (38, 584, 128)],
 )
 def test_packed_forward_matches_the_reference(
     rows: int, out: int, inp: int, group: int | None

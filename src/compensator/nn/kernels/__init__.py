@@ -34,14 +34,17 @@ def qgemv() -> Any | None:
     if os.environ.get("COMPENSATOR_KERNELS", "1") == "0":
         return None
     flags = ["-O3"]
-    if {"avx2", "fma"} <= _cpu_flags():
+    cpu = _cpu_flags()
+    if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
+        if "avx512f" in cpu:
+            flags += ["-mavx512f"]
     t0 = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
 
         module = load(
-            name="compensator_qgemv_v3", sources=[str(_SOURCE)], extra_cflags=flags, verbose=False
+            name="compensator_qgemv_v4", sources=[str(_SOURCE)], extra_cflags=flags, verbose=False
         )
     except Exception as err:  # any build failure: the reference path still works
         log.warning(
@@ -51,6 +54,7 @@ def qgemv() -> Any | None:
         )
         return None
     log.debug(
-        "int4 CPU kernel ready in %.1fs (avx2: %s)", time.perf_counter() - t0, module.has_avx2()
-    )
+        "int4 CPU kernel ready in %.1fs (avx2: %s, avx512: %s)",
+        time.perf_counter() - t0, module.has_avx2(), module.has_avx512(),
+    )  # fmt: skip
     return module

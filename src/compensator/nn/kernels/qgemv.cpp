@@ -5,9 +5,13 @@
 // for all M inputs, so this is for small M (decode); larger M dequantizes and uses BLAS.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cstring>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QGEMV_AVX2 1
+#endif
+#if defined(QGEMV_AVX2) && defined(__AVX512F__)
+#define QGEMV_AVX512 1
 #endif
 
 #ifdef QGEMV_AVX2
@@ -44,6 +48,23 @@ torch::Tensor qgemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   const float* zp = zs.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t wpg = group / 8;  // words per group
+#ifdef QGEMV_AVX512
+  // 16 codes a step: two adjacent words broadcast as one 64-bit pair, 32-bit lane 2i taking
+  // nibble i of the first word (column 8w + i) and lane 2i + 1 nibble i of the second (column
+  // 8w + 8 + i). x is laid out once in that order, pair by pair. Pairs must not straddle a
+  // group: only for an even number of words per group (a ragged last group's odd word is
+  // done 8 wide).
+  const bool pairs = wpg % 2 == 0;
+  auto xpair = torch::empty({pairs ? M : 0, K}, x.options());
+  float* xq = xpair.data_ptr<float>();
+  if (pairs)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t p = 0; p + 16 <= K; p += 16)
+        for (int i = 0; i < 8; ++i) {
+          xq[m * K + p + 2 * i] = xp[m * K + p + i];
+          xq[m * K + p + 2 * i + 1] = xp[m * K + p + 8 + i];
+        }
+#endif
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = xp + m * K;
@@ -52,6 +73,46 @@ torch::Tensor qgemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 #ifdef QGEMV_AVX2
       const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
       const __m256i mask = _mm256_set1_epi32(0xF);
+#ifdef QGEMV_AVX512
+      const __m512i shifts2 =
+          _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+      const __m512 codes =
+          _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const float* xqr = pairs ? xq + m * K : nullptr;
+      for (; pairs && n + 4 <= n1; n += 4) {
+        const int32_t* rows[4] = {qp + n * W, qp + (n + 1) * W, qp + (n + 2) * W, qp + (n + 3) * W};
+        float out[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t w0 = g * wpg, w1 = std::min(W, (g + 1) * wpg);
+          __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                         _mm512_setzero_ps()};
+          int64_t w = w0;
+          for (; w + 2 <= w1; w += 2) {
+            const __m512 xv = _mm512_loadu_ps(xqr + 8 * w);
+            for (int r = 0; r < 4; ++r) {
+              int64_t pair;
+              std::memcpy(&pair, rows[r] + w, sizeof(pair));
+              // a permute reads only an index's low 4 bits: code -> float without a mask
+              // or a conversion, on another port than the shift and the FMA
+              const __m512 c = _mm512_permutexvar_ps(
+                  _mm512_srlv_epi32(_mm512_set1_epi64(pair), shifts2), codes);
+              a[r] = _mm512_fmadd_ps(c, xv, a[r]);
+            }
+          }
+          float tail[4] = {0.f, 0.f, 0.f, 0.f};
+          if (w < w1) {  // the odd last word of a ragged last group
+            const __m256 xv = _mm256_loadu_ps(xr + 8 * w);
+            for (int r = 0; r < 4; ++r)
+              tail[r] = hsum(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(
+                  _mm256_srlv_epi32(_mm256_set1_epi32(rows[r][w]), shifts), mask)), xv));
+          }
+          for (int r = 0; r < 4; ++r)
+            out[r] += sp[(n + r) * G + g] * (_mm512_reduce_add_ps(a[r]) + tail[r]) -
+                      zp[(n + r) * G + g] * xsr[g];
+        }
+        for (int r = 0; r < 4; ++r) yp[m * N + n + r] = out[r];
+      }
+#endif
       // Four rows at a time: four independent FMA chains, and each x load serves all four.
       for (; n + 4 <= n1; n += 4) {
         const int32_t* r0 = qp + n * W;
@@ -136,6 +197,14 @@ torch::Tensor dequant_int4(torch::Tensor qweight, torch::Tensor scale, torch::Te
   return out;
 }
 
+bool has_avx512() {
+#ifdef QGEMV_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_avx2() {
 #ifdef QGEMV_AVX2
   return true;
@@ -148,4 +217,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv_int4", &qgemv_int4, "4-bit packed GEMV (y = x W^T), W never formed");
   m.def("dequant_int4", &dequant_int4, "the dense weight of a 4-bit packed layer");
   m.def("has_avx2", &has_avx2, "whether the AVX2/FMA path was compiled");
+  m.def("has_avx512", &has_avx512, "whether the AVX-512 GEMV path was compiled");
 }
