@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import warnings
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,11 @@ def _probe(logits: torch.Tensor) -> list[float]:
     return (dirs @ logits / logits.numel() ** 0.5).tolist()
 
 
+@cache
+def _fp_logits() -> torch.Tensor:
+    return _logits(_model())
+
+
 def _run(preset: str, overrides: dict[str, int]) -> dict:
     ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     loaded = LoadedModel(_model(), None, "tiny")
@@ -129,20 +135,18 @@ def _run(preset: str, overrides: dict[str, int]) -> dict:
         "floats": _digest([(k, v) for k, v in inside if k.rsplit(".", 1)[1] not in CODE_BUFFERS]),
         "rest": _digest([(k, v) for k, v in state if not k.startswith(layers)]),
     }
-    logits, fp = _logits(qm.model), _logits(_model())
+    logits, fp = _logits(qm.model), _fp_logits()
     error = float((logits - fp).norm() / fp.norm())
-    return {"exact": exact, "probe": _probe(logits), "fp_probe": _probe(fp), "error": error}
+    return {"exact": exact, "probe": _probe(logits), "error": error}
 
 
-def drift(run: dict, pin: dict) -> float:
+def drift(run: dict, pin: dict, fp_probe: list[float]) -> float:
     """Distance to the pinned probe as a share of the pinned model's quantization error."""
-    p, q, f = (
-        torch.tensor(v, dtype=torch.float64) for v in (run["probe"], pin["probe"], pin["fp_probe"])
-    )
+    p, q, f = (torch.tensor(v, dtype=torch.float64) for v in (run["probe"], pin["probe"], fp_probe))
     return float((p - q).norm() / (q - f).norm())
 
 
-def error_change(run: dict, pin: dict) -> float:
+def error_change(run: dict, pin: dict, fp_probe: list[float]) -> float:
     """How far the logits' relative error to the FP model moved, as a share of the pinned one."""
     return abs(run["error"] - pin["error"]) / pin["error"]
 
@@ -156,7 +160,7 @@ def test_preset_output_is_pinned(job: str, preset: str, overrides: dict[str, int
     assert job in pins["probe"], f"no pinned probe for {job}: write it with --write"
     got = _run(preset, overrides)
     pin = pins["probe"][job]
-    moved = CHECKS[pin["check"]](got, pin)
+    moved = CHECKS[pin["check"]](got, pin, pins["fp_probe"])
     assert moved <= pin["tol"], f"{job}: {pin['check']} {moved:.3%} > tolerance {pin['tol']:.3%}"
     exact = pins["exact"].get(cpu_kind())
     if exact is not None:
@@ -180,12 +184,12 @@ def _variant_runs(env: dict[str, str]) -> dict[str, dict]:
     return json.loads(out.splitlines()[-1])
 
 
-def _probe_pin(run: dict, others: list[dict]) -> dict:
+def _probe_pin(run: dict, others: list[dict], fp_probe: list[float]) -> dict:
     """The probe pin of one job and its tolerance, from its spread over the variants: the
     drift check where results reproduce across code paths, else the error check (rounding
     whose codes flip under last-bit noise finds other, equally good codes)."""
-    pin = {k: run[k] for k in ("probe", "fp_probe", "error")}
-    spread = {name: max(check(o, pin) for o in others) for name, check in CHECKS.items()}
+    pin = {k: run[k] for k in ("probe", "error")}
+    spread = {name: max(check(o, pin, fp_probe) for o in others) for name, check in CHECKS.items()}
     check = "drift" if 4 * spread["drift"] <= DRIFT_LIMIT else "error"
     return {**pin, "spread": spread, "check": check, "tol": max(4 * spread[check], MIN_TOL)}
 
@@ -199,8 +203,11 @@ if __name__ == "__main__":
         kinds = {cpu_kind(): {job: r["exact"] for job, r in runs.items()}}
         if mode == ["--write"]:
             variants = [_variant_runs(env) for env in VARIANTS]
-            probes = {job: _probe_pin(r, [v[job] for v in variants]) for job, r in runs.items()}
-            pins = {"probe": probes, "exact": kinds}
+            fp_probe = _probe(_fp_logits())
+            probes = {
+                job: _probe_pin(r, [v[job] for v in variants], fp_probe) for job, r in runs.items()
+            }
+            pins = {"fp_probe": fp_probe, "probe": probes, "exact": kinds}
         else:
             pins = _pins()
             pins["exact"].update(kinds)

@@ -215,8 +215,8 @@ def main() -> None:
         result["rows"].append(hit)
         # rows of earlier runs that this one did not ask for stay in the table
         kept = [r for r in old if all(r["key"] != n["key"] for n in result["rows"])]
-        write("llamacpp", {**result, "rows": result["rows"] + kept},
-              markdown({**result, "rows": result["rows"] + kept}))  # fmt: skip
+        table = {**result, "rows": result["rows"] + kept}
+        write("llamacpp", table, markdown(table))
 
     if not f32.is_file():
         llama_quantize(src, f32, "F32", None)
