@@ -9,8 +9,10 @@ does), with the KL divergence to the F32 model's logits. Rows:
   TYPE (``--pure``), token embedding and output kept F32 as our exporter keeps them; and
   again ``--imatrix`` from ``llama-imatrix`` over the text of our calibration windows of that
   seed (the same tokens our recipes calibrate on, decoded);
-- ours: ``compensator quantize`` (W4 g32 symmetric for Q4_0, asymmetric for Q4_1) then
-  ``compensator export --format gguf --gguf-type TYPE``.
+- ours: ``compensator quantize`` (W4 g32 symmetric for Q4_0, asymmetric with float mins
+  for Q4_1, ``--kquant TYPE`` for the K-quants) then ``compensator export --format gguf --gguf-type TYPE``.
+  K-quant rows need rows of whole 256-weight super-blocks; llama-quantize and we both give
+  the other Linears the same fallback type (Q4_K -> Q5_0, Q3_K and Q2_K -> Q4_0, ...).
 GGUFs and logits live in LLAMACPP_HOME/work (outside the repo); results go to
 benchmarks/results/llamacpp.{json,md}, rewritten after every row (a rerun skips its rows and keeps
 those of earlier commands; delete the JSON when our rounding changes).
@@ -41,7 +43,8 @@ BIN, WORK = HOME / "build" / "bin", HOME / "work"
 NO_REPACK = ["--no-repack"]
 BENCHMARKS = Path(__file__).resolve().parents[1]
 SCHEME = {"Q4_0": ["--bits", "4", "--group-size", "32", "--sym"],
-          "Q4_1": ["--bits", "4", "--group-size", "32", "--asym"]}  # fmt: skip
+          "Q4_1": ["--bits", "4", "--group-size", "32", "--asym", "--float-min"],
+          **{k: ["--kquant", k] for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}}  # fmt: skip
 
 
 def run(cmd: list[str], log: Path) -> tuple[str, float]:

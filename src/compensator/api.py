@@ -27,7 +27,7 @@ from compensator.io.native import (
     save_checkpoint,
 )
 from compensator.io.targets import load_target, recorded_base
-from compensator.models.adapter import get_adapter
+from compensator.models.adapter import ModelAdapter, get_adapter
 from compensator.models.checks import (
     check_calibration_size,
     check_group_size,
@@ -45,6 +45,7 @@ from compensator.models.loading import LoadedModel, load_model
 from compensator.nn.layers import bits_per_weight
 from compensator.parallel import SOLO, Ranks, current
 from compensator.pipeline.passes import StarvedExperts
+from compensator.pipeline.report import PipelineReport
 from compensator.pipeline.resume import RunState
 from compensator.pipeline.session import PipelineRun, open_model
 from compensator.pipeline.storage import StreamsAt
@@ -96,6 +97,8 @@ def quantize(
     bits: int | None = None,
     group_size: int | None = None,
     symmetric: bool | None = None,
+    float_min: bool | None = None,
+    kquant: str | None = None,
     rank: int | str | None = None,
     act_bits: int | None = None,
     epochs: int | None = None,
@@ -118,8 +121,9 @@ def quantize(
     ``tokenizer`` is required; it is copied first unless ``inplace``). ``calibration`` is a
     data source as in :func:`compensator.data.resolve_text` (default: WikiText-2 validation
     when COMPENSATOR_DATA is set, else the embedded corpus), or a LongTensor of token
-    windows [n, seqlen] used as is. ``rank`` is a number of components or a share like "30%".
-    No process-wide state: every random draw has its own generator, from ``seed`` (calibration
+    windows [n, seqlen] used as is. ``rank`` is a number of components or a share like "30%";
+    ``kquant`` ("Q4_K", ...) and ``float_min`` fit GGUF's own grids (docs/export.md). No
+    process-wide state: every random draw has its own generator, from ``seed`` (calibration
     windows; added to the steps' own seeds: k-means, data order, rotations).
 
     ``resume`` (a directory, or an open :class:`RunState`) keeps every finished block there:
@@ -127,7 +131,6 @@ def quantize(
     unfinished block, bit-identical to an uninterrupted run; different arguments, or
     ``restart``, start over. :func:`save` removes the directory once the model is saved.
     ``trust_remote_code`` lets a hub or local model run its own Python code (off unless asked).
-
     ``starved_experts``: what becomes of an MoE expert routed too few tokens ("all-tokens" or
     "rtn"). ``lazy`` (default: with a ``resume`` state and a safetensors dir or GGUF) reads
     each block only while it is quantized; the result can then only be saved. ``streams``:
@@ -135,7 +138,8 @@ def quantize(
     ``offload_dir``, default the ``resume`` dir; "auto" picks from free memory). All:
     docs/big-models.md. Under torchrun (``ranks``: by default the torch.distributed group
     this process is in) the run is data-parallel: docs/distributed.md."""
-    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "epochs": epochs}
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "epochs": epochs,
+             "kquant": kquant, "float_min": float_min}  # fmt: skip
     rec = load_recipe(recipe).with_overrides(**given, rank=rank, act_bits=act_bits, seed=seed)
     check_group_size(group_size)
     if rec.needs_data() and not isinstance(calibration, torch.Tensor):
@@ -147,9 +151,7 @@ def quantize(
         loaded, net, experts = open_model(
             model, tokenizer, rec, trust_remote_code, lazy, inplace, state is not None
         )
-        adapter = get_adapter(net)
-        check_no_fused_weights(adapter.blocks(net), adapter.arch.blocks)
-        check_scheme_fits(net, adapter, rank, group_size)
+        adapter = _checked_adapter(net, rec, rank, group_size)
         ids, calib_info = _calibration(loaded, net, rec, calibration, calib_windows, seqlen, seed)
         starved = starved_experts if experts else None
         run = PipelineRun(
@@ -158,12 +160,27 @@ def quantize(
         )  # fmt: skip
         base_fp = _base_fingerprint(loaded, net, in_memory)
         report = run.pipeline(net.eval(), adapter, loaded.source, base_fp, ids, calib_info)
-    qconfig = _quantization_config(net, rec, report.quantized_layers, loaded.source, calib_info)
-    qconfig["base_model_fingerprint"] = base_fp
-    qconfig |= {"experts": {"layout": "unfused", "starved": starved_experts}} if experts else {}
+    qconfig = _quantization_config(net, rec, report, loaded.source, calib_info, base_fp, starved)
     return QuantizedModel(
         net, loaded.tokenizer, qconfig, report.to_dict(), run.state, adapter.arch.blocks, ranks
     )
+
+
+def _checked_adapter(
+    net: nn.Module, rec: Recipe, rank: int | str | None, group_size: int | None
+) -> ModelAdapter:
+    """The model's adapter, after the checks that need only its shapes; warns where a
+    K-quant spec falls back to another type (rows that are not whole super-blocks)."""
+    adapter = get_adapter(net)
+    check_no_fused_weights(adapter.blocks(net), adapter.arch.blocks)
+    check_scheme_fits(net, adapter, rank, group_size)
+    prefix = f"{adapter.arch.blocks}."
+    widths = [m.in_features for n, m in net.named_modules()
+              if isinstance(m, nn.Linear) and n.startswith(prefix)]  # fmt: skip
+    note = rec.scheme.weights.fallback_note(widths)
+    if note:
+        log.warning(note)
+    return adapter
 
 
 def _run_state(
@@ -222,11 +239,14 @@ def _windows(
 def _quantization_config(
     net: nn.Module,
     rec: Recipe,
-    modules: list[str],
+    report: PipelineReport,
     base_model: str,
     calibration: dict[str, Any] | None,
+    base_fingerprint: Any,
+    starved: StarvedExperts | None,
 ) -> dict[str, Any]:
-    acts = rec.scheme.activations
+    acts, modules = rec.scheme.activations, report.quantized_layers
+    experts = {} if starved is None else {"experts": {"layout": "unfused", "starved": starved}}
     return {
         "quant_method": "compensator",
         "format_version": FORMAT_VERSION,
@@ -241,6 +261,8 @@ def _quantization_config(
         "base_model": base_model,
         "recipe": rec.to_yaml_dict(),
         "calibration": calibration,
+        "base_model_fingerprint": base_fingerprint,
+        **experts,
     }
 
 

@@ -16,7 +16,13 @@ import click
 
 from compensator import __version__
 from compensator.cli_compare import compare_cmd
-from compensator.cli_options import friendly, no_progress_bars, scheme_options, setup_logging
+from compensator.cli_options import (
+    KQUANT_CHOICES,
+    friendly,
+    no_progress_bars,
+    scheme_options,
+    setup_logging,
+)
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.parallel import launched
 from compensator.pipeline.memory import fix_mmap_threshold, peak_rss_mb
@@ -213,7 +219,7 @@ _EXPORT_OPTION_OF = {
 )
 @click.option(
     "--gguf-type",
-    type=click.Choice(["auto", "Q4_0", "Q4_1", "Q8_0"]),
+    type=click.Choice(["auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *KQUANT_CHOICES]),
     default=None,
     help="gguf: block type (default: from the scheme).",
 )
@@ -284,7 +290,7 @@ def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -
     from compensator.plan import format_plan, plan
     from compensator.recipes.recipe import load_recipe
 
-    keys = ("bits", "group_size", "symmetric", "rank", "act_bits", "epochs")
+    keys = ("bits", "group_size", "symmetric", "float_min", "kquant", "rank", "act_bits", "epochs")
     rec = load_recipe(recipe).with_overrides(**{k: opts[k] for k in keys})
     p = plan(
         model, rec, opts["calib_windows"], opts["seqlen"], opts["batch_size"], whole,

@@ -101,6 +101,10 @@ class RankType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+# compensator.quant.kquant.KTYPES, named here so the CLI starts without importing torch
+KQUANT_CHOICES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
 def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(
         [
@@ -118,6 +122,20 @@ def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric weights."
+            ),
+            click.option(
+                "--float-min/--int-zero",
+                "float_min",
+                default=None,
+                help="Asymmetric groups keep a float16 min instead of an integer zero point "
+                "(GGUF Q4_1/Q5_1 hold it; compressed-tensors does not).",
+            ),
+            click.option(
+                "--kquant",
+                type=click.Choice(KQUANT_CHOICES),
+                default=None,
+                help="Fit llama.cpp's K-quant grid (sets bits, groups, symmetry); rows that are "
+                "not whole 256-weight super-blocks get llama.cpp's fallback type.",
             ),
             click.option(
                 "--rank",

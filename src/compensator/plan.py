@@ -76,11 +76,15 @@ def read_config(model: str) -> tuple[dict[str, Any], bool]:
 
 def run_shape(recipe: Recipe, windows: int, seqlen: int, batch_size: int, lazy: bool) -> RunShape:
     from compensator.pipeline.stats import STATISTICS, AbsMean
+    from compensator.quant.kquant import BITS_PER_WEIGHT
 
     gram = [n for n in recipe.stats() if not issubclass(STATISTICS[n], AbsMean)]
     spec = recipe.scheme.weights
     group = spec.group_size or 4096
-    bpw = spec.bits + (16 + (0 if spec.symmetric else spec.bits)) / group
+    zero_bits = 16 if spec.float_min else (0 if spec.symmetric else spec.bits)
+    bpw = spec.bits + (16 + zero_bits) / group
+    if spec.kquant is not None:
+        bpw = BITS_PER_WEIGHT[spec.kquant]
     return RunShape(
         windows=windows,
         seqlen=seqlen,

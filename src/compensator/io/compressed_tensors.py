@@ -30,6 +30,7 @@ from compensator.io.formats import ExportSource, Format, register_format
 from compensator.io.native import unique_state_dict
 from compensator.nn.quant_linear import QuantLinear
 from compensator.quant.act import ActSpec
+from compensator.quant.spec import QuantSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -76,6 +77,12 @@ class CompressedTensors(Format):
                 "(it holds dynamic symmetric per-token int8 only)"
             )
         spec = record["spec"]
+        if QuantSpec(**spec).float_zero:
+            what = spec.get("kquant") or "float-min"
+            return (
+                f"its {what} zero points are not integers (compressed-tensors holds integer "
+                "zero points); export it with --format gguf"
+            )
         if spec["scale_dtype"] == "bfloat16" and self.dtype != torch.float32:
             return "its bfloat16 scales are not exact in float16; export with --dtype float32"
         return None

@@ -1,8 +1,9 @@
 """GGUF export for llama.cpp and ollama (with the ``gguf`` package we read GGUF with).
 
-The quantized Linears become Q4_0 / Q4_1 / Q8_0 blocks holding our codes
-(:mod:`compensator.io.gguf_blocks`; the type follows the scheme, ``gguf_type`` overrides),
-everything else is written as F32. q_proj and k_proj rows are permuted as llama.cpp's
+The quantized Linears become Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks holding our codes, or
+K-quant super-blocks for layers fitted on a K-quant grid (``--kquant``; their fallback layers
+get the 32-weight type their spec maps to) (:mod:`compensator.io.gguf_blocks`; the type
+follows the scheme, ``gguf_type`` overrides), everything else is written as F32. q_proj and k_proj rows are permuted as llama.cpp's
 converter does (rows are independent, so codes and group parameters permute with them).
 Metadata and the tokenizer are copied from a GGUF of the base model: the one the model was
 loaded from (the built-in SmolLM2 is one), or ``base`` when given; writing a tokenizer from
@@ -20,15 +21,25 @@ import torch
 
 from compensator.errors import CompensatorError
 from compensator.io.formats import ExportSource, Format, register_format
-from compensator.io.gguf_blocks import BLOCK, TYPES, auto_type, encode, holds
+from compensator.io.gguf_blocks import BLOCK, TYPES, auto_type, encode, encode_k, holds
 from compensator.io.native import unique_state_dict
 from compensator.models.loading import gguf_source
 from compensator.nn.quant_linear import QuantLinear
+from compensator.quant.kquant import KTYPES
+from compensator.quant.spec import QuantSpec
 
 FILE_TYPES = {
     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    # The K-quants as llama-quantize --pure names them (one type for every block Linear).
+    "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+    "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+    "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
 }
 _KEPT_OUT = ("GGUF.", "general.architecture", "general.file_type")
 
@@ -36,7 +47,7 @@ _KEPT_OUT = ("GGUF.", "general.architecture", "general.file_type")
 @register_format
 class GGUF(Format):
     name: ClassVar[str] = "gguf"
-    summary: ClassVar[str] = "Q4_0 / Q4_1 / Q8_0 blocks for llama.cpp and ollama (one file)"
+    summary: ClassVar[str] = "Q4_0 / Q4_1 / Q5_x / Q8_0 and K-quant blocks for llama.cpp and ollama"
     path_is_file: ClassVar[bool] = True
 
     def __init__(self, gguf_type: str = "auto", base: str | None = None) -> None:
@@ -46,9 +57,10 @@ class GGUF(Format):
             )
         self.gguf_type, self.base = gguf_type, base
 
-    def _type(self, spec: dict[str, Any]) -> str:
-        if self.gguf_type == "auto":
-            return auto_type(spec["bits"], spec["symmetric"])
+    def _type(self, spec: QuantSpec) -> str:
+        # A K-quant request covers the fallback layers of a K-quant run with their own type.
+        if self.gguf_type == "auto" or (self.gguf_type in KTYPES and spec.kquant is None):
+            return auto_type(spec)
         return self.gguf_type
 
     def refusal(self, name: str, record: dict[str, Any]) -> str | None:
@@ -62,19 +74,34 @@ class GGUF(Format):
             return "its bias has no place in this exporter's llama layout"
         if record.get("activations"):
             return "its activation quantizer would be lost (llama.cpp quantizes activations its own way)"
-        spec = record["spec"]
-        if spec["scale_dtype"] == "float32":
+        spec = QuantSpec(**record["spec"])
+        if spec.scale_dtype == "float32" and spec.kquant is None:
             return "its float32 scales are not exact in GGUF's float16 block scales"
-        gs = spec["group_size"]
-        if gs is not None and gs % BLOCK:
+        gs = spec.group_size
+        if gs is not None and gs % BLOCK and spec.kquant is None:
             return f"its g{gs} groups do not fill whole {BLOCK}-weight blocks"
         qtype = self._type(spec)
-        if not holds(spec["bits"], spec["symmetric"], qtype):
-            sym = "symmetric" if spec["symmetric"] else "asymmetric"
-            return f"{qtype} cannot hold its {sym} {spec['bits']}-bit codes"
+        if not holds(spec, qtype):
+            if qtype in KTYPES:
+                return (
+                    f"{qtype} holds only codes fitted on its grid: quantize with --kquant {qtype}"
+                )
+            if spec.kquant is not None:
+                return f"its {spec.kquant} codes are held by {spec.kquant} only"
+            if spec.float_min:
+                return f"{qtype} cannot hold its float mins (Q4_1 and Q5_1 can)"
+            sym = "symmetric" if spec.symmetric else "asymmetric"
+            return f"{qtype} cannot hold its {sym} {spec.bits}-bit codes"
         return None
 
     def check(self, source: ExportSource) -> None:
+        if self.gguf_type in KTYPES and not any(
+            r.get("spec", {}).get("kquant") == self.gguf_type for r in source.records.values()
+        ):
+            raise CompensatorError(
+                f"--gguf-type {self.gguf_type} holds only codes fitted on its grid, and no layer "
+                f"was: quantize with --kquant {self.gguf_type}"
+            )
         super().check(source)
         config = source.model.config
         if config.model_type != "llama":
@@ -117,7 +144,10 @@ class GGUF(Format):
     def write(self, source: ExportSource, target: Path) -> None:
         reader = self._base_reader(source)
         model, config = source.model, source.model.config
-        types = {self._type(r["spec"]) for r in source.records.values()}
+        types = {self._type(QuantSpec(**r["spec"])) for r in source.records.values()}
+        ktypes = types & set(KTYPES)
+        if ktypes:  # fallback layers do not change what the file is called
+            types = ktypes
         writer = gguf.GGUFWriter(target, "llama")
         for key, field in reader.fields.items():
             if not key.startswith(_KEPT_OUT):
@@ -151,13 +181,16 @@ class GGUF(Format):
         self, layer: QuantLinear, name: str, heads: tuple[int, int]
     ) -> tuple[np.ndarray, str]:
         qw = layer.quantized_weight()
-        gi = layer.spec.group_of_columns(layer.in_features)
-        codes, scale, zero = qw.codes, qw.params.scale[:, gi], qw.params.zero[:, gi]
+        qtype = self._type(layer.spec)
+        codes, scale, zero = qw.codes, qw.params.scale, qw.params.zero
+        if qtype not in KTYPES:  # the 32-weight blocks take them per column
+            gi = layer.spec.group_of_columns(layer.in_features)
+            scale, zero = scale[:, gi], zero[:, gi]
         n_head = heads[0] if name.endswith("q_proj") else heads[1]
         if name.endswith(("q_proj", "k_proj")):
             codes, scale, zero = (_permute(t, n_head) for t in (codes, scale, zero))
-        qtype = self._type(layer.spec.model_dump())
-        return encode(codes.numpy(), scale.numpy(), zero.numpy(), qtype), qtype
+        blocks = encode_k if qtype in KTYPES else encode
+        return blocks(codes.numpy(), scale.numpy(), zero.numpy(), qtype), qtype
 
 
 def _permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from compensator.nn.registry import (
 )
 from compensator.nn.rotated import rotate_input, rotation_record
 from compensator.quant.act import ActSpec, quantize_activations
+from compensator.quant.kquant import BITS_PER_WEIGHT
 from compensator.quant.pack import pack_int32, packed_words, unpack_int32
 from compensator.quant.spec import QuantizedWeight, QuantParams, QuantSpec
 from compensator.types import LowRank
@@ -29,7 +30,8 @@ class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored as b-bit codes packed into int32 words.
 
     Buffers (all saved): ``qweight`` [out, words(in)], ``scales`` [out, groups] in the spec's
-    scale dtype, ``qzeros`` [out, words(groups)], and an optional float ``bias``.
+    scale dtype, ``qzeros`` [out, words(groups)] (float32 ``zeros`` [out, groups] for the
+    asymmetric K-quants, whose zero points are not integers), and an optional float ``bias``.
     The reference forward dequantizes with the same formula the rounders used, so its
     output equals the fake-quantized model's exactly.
 
@@ -70,9 +72,13 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "scales", torch.ones(out_features, groups, dtype=spec.torch_scale_dtype)
         )
-        self.register_buffer(
-            "qzeros", torch.zeros(out_features, packed_words(groups, spec.bits), dtype=torch.int32)
-        )
+        if spec.float_zero:  # asymmetric K-quants: dmin m / (d sc), not an integer
+            self.register_buffer("zeros", torch.zeros(out_features, groups))
+        else:
+            self.register_buffer(
+                "qzeros",
+                torch.zeros(out_features, packed_words(groups, spec.bits), dtype=torch.int32),
+            )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.rank, self.factor_bits, self.act_spec = rank, factor_bits, act_spec
         self.lowrank_input = lowrank_input
@@ -125,7 +131,10 @@ class QuantLinear(nn.Module):
                 layer.lr_b_scale.copy_(lowrank.b_scale)
         layer.qweight.copy_(pack_int32(qw.codes, qw.spec.bits))
         layer.scales.copy_(qw.params.scale.to(qw.spec.torch_scale_dtype))
-        layer.qzeros.copy_(pack_int32(qw.params.zero.round().long(), qw.spec.bits))
+        if qw.spec.float_zero:
+            layer.zeros.copy_(qw.params.zero)
+        else:
+            layer.qzeros.copy_(pack_int32(qw.params.zero.round().long(), qw.spec.bits))
         if bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer.to(qw.codes.device)
@@ -167,7 +176,10 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         codes = unpack_int32(self.qweight, self.spec.bits, self.in_features)
-        zeros = unpack_int32(self.qzeros, self.spec.bits, self.scales.shape[1]).float()
+        if self.spec.float_zero:
+            zeros = self.zeros.float()
+        else:
+            zeros = unpack_int32(self.qzeros, self.spec.bits, self.scales.shape[1]).float()
         return QuantizedWeight(codes, QuantParams(self.scales.float(), zeros), self.spec)
 
     def dequantize_weight(self) -> torch.Tensor:
@@ -181,13 +193,20 @@ class QuantLinear(nn.Module):
         return LowRank(self.lr_a, self.lr_b, self.factor_bits, self.lr_a_scale, self.lr_b_scale)
 
     def storage_bits(self) -> int:
-        """Bits this layer stores for its weight: codes, scales, zeros and low-rank factors."""
+        """Bits this layer stores for its weight: codes, scales, zeros and low-rank factors.
+
+        K-quants count as their GGUF blocks hold them (Q4_K: 4.5 bits per weight): their
+        float32 scales and zeros here are 6-bit integers times a float16 per super-block."""
         groups = self.scales.shape[1]
         zero_bits = 0 if self.spec.symmetric else self.spec.bits
+        if self.spec.float_min:  # a min in the scale dtype, over the scale (float32 here)
+            zero_bits = self.scales.element_size() * 8
         bits = self.out_features * (
             self.in_features * self.spec.bits
             + groups * (self.scales.element_size() * 8 + zero_bits)
         )
+        if self.spec.kquant is not None:
+            bits = round(self.out_features * self.in_features * BITS_PER_WEIGHT[self.spec.kquant])
         lr = self.lowrank()
         return bits + (0 if lr is None else lr.storage_bits())
 
@@ -292,4 +311,13 @@ class QuantLinear(nn.Module):
 # product, where dequantizing once and calling BLAS is faster.
 KERNEL_MAX_ROWS = 16
 
-_STORED_DTYPE = {"scales", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale", "rot_left", "rot_right"}
+_STORED_DTYPE = {
+    "scales",
+    "zeros",
+    "lr_a",
+    "lr_b",
+    "lr_a_scale",
+    "lr_b_scale",
+    "rot_left",
+    "rot_right",
+}

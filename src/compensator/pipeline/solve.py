@@ -89,14 +89,19 @@ def solve_group(
     if blind:
         nearest = RTNStep()
         for name, linear in blind:
-            results[name] = nearest.round(linear.weight.data, None, spec)
+            results[name] = nearest.round(
+                linear.weight.data, None, spec.for_width(linear.in_features)
+            )
             lowranks[name] = None
         group = [(n, lin) for n, lin in group if stats is None or n in stats]
 
     if self_rounding is not None:
 
         def solve_one(name: str, linear: nn.Linear) -> Callable[[], Any]:
-            return lambda: self_rounding.solve(linear.weight.data, stats_of(name), spec, rounder)
+            width_spec = spec.for_width(linear.in_features)
+            return lambda: self_rounding.solve(
+                linear.weight.data, stats_of(name), width_spec, rounder
+            )
 
         units = [(_cost(lin.weight), solve_one(n, lin)) for n, lin in group]
         for (name, _), (res, low) in zip(
@@ -167,7 +172,7 @@ class _Rounding:
         return lambda: self.rounder.round_shared(
             [linear.weight.data for _, linear in members],
             self.stats_of(members[0][0]),
-            self.spec,
+            self.spec.for_width(members[0][1].in_features),
             [self.fixed.get(name) for name, _ in members],
         )
 
@@ -191,7 +196,8 @@ class _Rounding:
                     part = QuantParams(stacked.scale[a:b], stacked.zero[a:b])
 
                 def work(w: torch.Tensor = weight[a:b], p: Any = part, st: Any = st) -> Any:
-                    return self.rounder.round_shared([w], st, self.spec, [p])[0]
+                    spec = self.spec.for_width(w.shape[1])
+                    return self.rounder.round_shared([w], st, spec, [p])[0]
 
                 units.append((_cost(weight[a:b]), work))
             layout.append((members, len(shares)))

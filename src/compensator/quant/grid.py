@@ -1,8 +1,9 @@
 """The integer grid: the range rule, the clip search, codes and dequantization.
 
 One range rule serves every path (RTN, GPTQ's group fitting, LWC's learned clipping):
-ranges always include 0, and scales are rounded to the spec's ``scale_dtype`` *before* the
-zero point and the codes are computed, so the dequantized weight used during calibration is
+ranges always include 0 (but with ``float_min`` a group's range is its own, as in Q4_1), and scales are rounded to the spec's ``scale_dtype`` *before* the
+zero point (an integer, or with ``float_min`` the min in the scale dtype over the scale) and
+the codes are computed, so the dequantized weight used during calibration is
 bit for bit what a saved checkpoint reproduces. ``ste=True`` gives the same values with
 straight-through gradients (learned clipping).
 """
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from compensator.quant.kquant import fit_superblock
 from compensator.quant.spec import (
     QuantizedWeight,
     QuantParams,
@@ -58,7 +60,7 @@ def nonzero_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def params_from_range(
     xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec, *, ste: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point from a range that contains 0 (any shape).
+    """Scale and zero point from a range that contains 0 (any range with ``float_min``; any shape).
 
     Symmetric: the end of the range with the larger magnitude lands exactly on the lowest
     level, -2^(bits-1), and the scale takes its sign (llama.cpp's Q4_0 rule). All 2^bits
@@ -77,6 +79,10 @@ def params_from_range(
         scale = scale.to(spec.torch_scale_dtype).to(torch.float32)
     if spec.symmetric:
         return scale, torch.full_like(scale, (spec.maxq + 1) / 2)
+    if spec.float_min:  # the min itself, in the scale dtype: zero = -xmin / scale
+        dtype = spec.torch_scale_dtype
+        low = cast_ste(-xmin, dtype) if ste else (-xmin).to(dtype).to(torch.float32)
+        return scale, low / scale
     rounded = round_ste(-xmin / scale) if ste else torch.round(-xmin / scale)
     return scale, torch.clamp(rounded, 0, spec.maxq)
 
@@ -114,16 +120,18 @@ def fit_group(
     finds for it."""
     w = w.float()
     xmin, xmax = w.min(dim=1).values, w.max(dim=1).values
+    # A float min needs no level at 0 (Q4_1 has none): its range is the group's own.
+    span = (lambda a, b: (a, b)) if spec.float_min else widened
     if not clip_search:
-        return params_from_range(*widened(xmin, xmax), spec)
+        return params_from_range(*span(xmin, xmax), spec)
 
     def error_of(p: float) -> torch.Tensor:
-        s, z = params_from_range(*widened(p * xmin, p * xmax), spec)
+        s, z = params_from_range(*span(p * xmin, p * xmax), spec)
         s, z = s[:, None], z[:, None]
         return (dequantize_codes(quantize_codes(w, s, z, spec), s, z) - w).abs().pow(norm).sum(1)
 
     p = search_shrink(error_of, grid=grid, max_shrink=max_shrink)
-    return params_from_range(*widened(p * xmin, p * xmax), spec)
+    return params_from_range(*span(p * xmin, p * xmax), spec)
 
 
 def fit_params(w: torch.Tensor, spec: QuantSpec, *, clip_search: bool = False) -> QuantParams:
@@ -132,6 +140,13 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, *, clip_search: bool = False) -
     gs = spec.group_width(cols)
     scale = torch.empty(rows, spec.n_groups(cols), dtype=torch.float32, device=w.device)
     zero = torch.empty_like(scale)
+    if spec.ktype is not None:
+        span = spec.fit_groups()
+        for g in range(0, scale.shape[1], span):
+            scale[:, g : g + span], zero[:, g : g + span] = fit_superblock(
+                w[:, g * gs : (g + span) * gs], spec.ktype
+            )
+        return QuantParams(scale, zero)
     for g in range(scale.shape[1]):
         scale[:, g], zero[:, g] = fit_group(
             w[:, g * gs : (g + 1) * gs], spec, clip_search=clip_search

@@ -18,5 +18,7 @@ class Scheme(BaseModel):
         """E.g. ``W4A8 g128``, ``W3A16 per-channel sym``."""
         w = self.weights
         acts = "A16" if self.activations is None else self.activations.label()
+        if w.kquant is not None:
+            return f"{w.kquant} {acts}"
         groups = "per-channel" if w.group_size is None else f"g{w.group_size}"
-        return f"W{w.bits}{acts} {groups}{' sym' if w.symmetric else ''}"
+        return f"W{w.bits}{acts} {groups}{' sym' if w.symmetric else ''}{' float-min' if w.float_min else ''}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from compensator.errors import CompensatorError
 from compensator.quant.act import ActSpec
@@ -53,6 +53,11 @@ class Recipe(BaseModel):
         if not isinstance(raw, list) or not raw:
             raise ValueError("steps must be a non-empty list, e.g. [{gptq: {}}]")
         return validated([_build_step(item) for item in raw])
+
+    @model_validator(mode="after")
+    def _kquant_steps(self) -> Recipe:
+        grid_problem(self)
+        return self
 
     def of_kind(self, kind: str) -> list[StepConfig]:
         return [s for s in self.steps if s.kind == kind]
@@ -150,9 +155,14 @@ class Recipe(BaseModel):
         act_bits: int | None = None,
         epochs: int | None = None,
         seed: int = 0,
+        kquant: str | None = None,
+        float_min: bool | None = None,
     ) -> Recipe:
         """Every command-line override at once, in the order quantize and plan apply them."""
-        rec = self.with_weights(bits=bits, group_size=group_size, symmetric=symmetric)
+        rec = self.with_weights(
+            bits=bits, group_size=group_size, symmetric=symmetric, kquant=kquant,
+            float_min=float_min,
+        )  # fmt: skip
         return rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs).with_seed(seed)
 
     def with_rank(self, rank: int | str | None) -> Recipe:
@@ -203,13 +213,20 @@ class Recipe(BaseModel):
                 f"rounder does not use the uniform weight scheme; set its own options in the "
                 f"recipe's {self.rounder.name} step instead"
             )
+        # A K-quant type implies bits, groups and symmetry: the recipe's own give way to it.
+        base = {} if changes.get("kquant") else self.scheme.weights.model_dump()
         try:
-            weights = QuantSpec(**{**self.scheme.weights.model_dump(), **changes})
+            weights = QuantSpec(**{**base, **changes})
         except ValidationError as e:
             raise CompensatorError(f"invalid scheme override: {first_error(e)}") from None
-        return self.model_copy(
+        rec = self.model_copy(
             update={"scheme": self.scheme.model_copy(update={"weights": weights})}
         )
+        try:
+            grid_problem(rec)
+        except ValueError as e:
+            raise CompensatorError(str(e)) from None
+        return rec
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return {
@@ -223,6 +240,36 @@ class Recipe(BaseModel):
             },
             "steps": [{s.name: s.model_dump()} for s in self.steps],
         }
+
+
+def grid_problem(recipe: Recipe) -> None:
+    """Raise ValueError when the recipe asks for a GGUF grid (float mins, a K-quant) its
+    steps cannot fit."""
+    rounder, spec = recipe.rounder, recipe.scheme.weights
+    if spec.float_min and rounder.uses_weight_scheme and not rounder.fits_float_min:
+        raise ValueError(
+            f"float_min needs a rounder that keeps float mins; {rounder.name} fits integer "
+            "zero points"
+        )
+    kquant = spec.kquant
+    if kquant is None:
+        return
+    if not (rounder.uses_weight_scheme and rounder.fits_kquant):
+        fits = sorted(n for n, c in STEPS.items() if getattr(c, "fits_kquant", False))
+        raise ValueError(
+            f"kquant {kquant} needs a rounder that fits K-quant super-blocks "
+            f"({', '.join(fits)}); {recipe.name or 'this recipe'} rounds with {rounder.name}"
+        )
+    if any(c.rounds_itself for c in recipe.correctors):
+        raise ValueError(
+            f"kquant {kquant} needs the rounder to fit the grid; {recipe.name or 'this recipe'}'s "
+            "corrector chooses the rounding itself"
+        )
+    if recipe.learners or recipe.trainer is not None:
+        raise ValueError(
+            f"kquant {kquant} cannot be learned: {recipe.name or 'this recipe'}'s learned steps "
+            "fit their own grid parameters; use gptq, gptaq-exact or rtn"
+        )
 
 
 def _build_step(item: Any) -> StepConfig:

@@ -26,6 +26,7 @@ import torch
 
 from compensator.linalg import NotPositiveDefinite, damped_cholesky
 from compensator.quant.grid import fit_group, fit_params
+from compensator.quant.kquant import fit_superblock
 from compensator.quant.spec import (
     QuantizedWeight,
     QuantParams,
@@ -223,6 +224,7 @@ class _Groups:
     width: int
     spec: QuantSpec
     clip_search: bool
+    importance: torch.Tensor  # diag(H) in processing order: K-quant clip search weights
 
     @classmethod
     def start(
@@ -246,7 +248,10 @@ class _Groups:
             zero, fitted = torch.zeros_like(scale), [False] * n
         pos_of = torch.argsort(perm) if perm is not None else torch.arange(cols, device=wd.device)
         gl = problem.group_idx.tolist()
-        return cls(scale, zero, fitted, gl, pos_of, spec.group_width(cols), spec, clip_search)
+        return cls(
+            scale, zero, fitted, gl, pos_of, spec.group_width(cols), spec, clip_search,
+            torch.diagonal(problem.h),
+        )  # fmt: skip
 
     def fit_if_first(
         self, q: int, terms: Terms, wd: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor,
@@ -256,8 +261,9 @@ class _Groups:
         g = self.group_list[q]
         if self.fitted[g]:
             return g
-        cols = wd.shape[1]
-        members = self.pos_of[g * self.width : min((g + 1) * self.width, cols)]
+        cols, span = wd.shape[1], self.spec.fit_groups()
+        first = g - g % span  # a K-quant super-block's groups are fitted together
+        members = self.pos_of[first * self.width : min((first + span) * self.width, cols)]
         current = terms.group_values(q, members)
         if current is None:
             current = torch.empty(wd.shape[0], len(members), dtype=wd.dtype, device=wd.device)
@@ -268,7 +274,12 @@ class _Groups:
                 current[:, ~inside] = wd[:, later] + terms.pending(
                     err1[:, :i], src1[:, :i], i1, i, later
                 )
-        s, z = fit_group(current, self.spec, clip_search=self.clip_search)
-        self.scale[:, g], self.zero[:, g] = s.to(wd.dtype), z.to(wd.dtype)
-        self.fitted[g] = True
+        if self.spec.ktype is None:
+            s, z = fit_group(current, self.spec, clip_search=self.clip_search)
+            self.scale[:, g], self.zero[:, g] = s.to(wd.dtype), z.to(wd.dtype)
+        else:
+            s, z = fit_superblock(current, self.spec.ktype, importance=self.importance[members])
+            self.scale[:, first : first + span] = s.to(wd.dtype)
+            self.zero[:, first : first + span] = z.to(wd.dtype)
+        self.fitted[first : first + span] = [True] * span
         return g

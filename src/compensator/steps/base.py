@@ -195,6 +195,8 @@ class RounderStep(StepConfig):
     rows_independent: ClassVar[bool] = True
     # Whether ``round`` honours fixed per-group ``params`` (learned clipping, LWC).
     accepts_params: ClassVar[bool] = False
+    fits_kquant: ClassVar[bool] = False  # fits llama.cpp's K-quant super-blocks (QuantSpec.kquant)
+    fits_float_min: ClassVar[bool] = True  # keeps float mins (QuantSpec.float_min)
     result_format: ClassVar[str] = "uniform"  # what ``round`` returns becomes this layer
     # Whether the scheme's uniform weight spec (bits, group size, symmetry) is what it uses.
     uses_weight_scheme: ClassVar[bool] = True

@@ -20,6 +20,7 @@ class GPTQStep(RounderStep):
 
     name: ClassVar[str] = "gptq"
     accepts_params: ClassVar[bool] = True
+    fits_kquant: ClassVar[bool] = True
     damp: float = Field(0.01, gt=0, le=1, description="fraction of mean(diag H) added to H")
     block_size: int = Field(128, ge=1)
     act_order: bool = True

@@ -18,6 +18,7 @@ class HQQStep(RounderStep):
     """Half-quadratic fitting of each group's scale and integer zero point (no data)."""
 
     name: ClassVar[str] = "hqq"
+    fits_float_min: ClassVar[bool] = False  # its refit rounds zero points to integers
     iterations: int = Field(20, ge=0, le=1000, description="half-quadratic alternations")
     p: float = Field(0.7, gt=0, lt=1, description="the l_p loss on the weight error")
     beta: float = Field(10.0, gt=0, description="initial weight of the quadratic split")

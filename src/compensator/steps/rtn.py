@@ -16,6 +16,7 @@ from compensator.types import LinearStats
 class RTNStep(RounderStep):
     name: ClassVar[str] = "rtn"
     accepts_params: ClassVar[bool] = True
+    fits_kquant: ClassVar[bool] = True
     clip_search: bool = False
 
     def round(
