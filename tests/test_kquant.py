@@ -283,17 +283,19 @@ def test_importance_weighs_the_superblock_fit() -> None:
     """With diag(H) as importance the sub-block ranges serve the columns that carry the
     input's energy: less output error than the unweighted search, which beats min/max
     (measured: Q2_K 0.55 / 0.75 / 1, Q4_K 0.76 / 0.96 / 1)."""
-    from compensator.quant.kquant import fit_superblock, quantize_super, raw_ranges
+    from compensator.quant.grid import fit_superblock, widened
+    from compensator.quant.kquant import quantize_super, raw_params
 
     g = torch.Generator().manual_seed(6)
     w = torch.randn(64, SUPER, generator=g)
     x = torch.randn(2048, SUPER, generator=g) * torch.rand(SUPER, generator=g).pow(3) * 3
     for kind in ("Q2_K", "Q4_K"):
         kt, spec = KTYPES[kind], QuantSpec(kquant=kind)
+        sub = w.reshape(64, -1, kt.sub)
         fits = {
-            "weighted": fit_superblock(w, kt, importance=x.pow(2).sum(0)),
-            "unweighted": fit_superblock(w, kt),
-            "min/max": quantize_super(*raw_ranges(w.reshape(64, -1, kt.sub), kt), kt),
+            "weighted": fit_superblock(w, spec, importance=x.pow(2).sum(0)),
+            "unweighted": fit_superblock(w, spec),
+            "min/max": quantize_super(*raw_params(*widened(sub.amin(-1), sub.amax(-1)), kt), kt),
         }
         err = {}
         for name, fit in fits.items():

@@ -7,9 +7,10 @@ for the asymmetric types its min is another integer ``m`` times a float16 ``dmin
     asymmetric (Q2_K, Q4_K, Q5_K):  w = d sc q - dmin m     sc, m in 0 .. levels
     symmetric  (Q3_K, Q6_K):        w = d sc (q - 2^(b-1))   sc in -levels .. levels - 1
 
-So the grid is fitted a super-block at a time: each sub-block's range first (min/max, or the
-clip search), then the super-block's float16 ``d`` from the largest scale and every ``sc``
-rounded against it, as llama.cpp's reference quantizer does. In our (scale, zero) form the
+So the grid is fitted a super-block at a time (:func:`compensator.quant.grid.fit_superblock`):
+each sub-block's range first (searched), then the super-block's float16 ``d`` from the
+largest scale and every ``sc`` rounded against it (:func:`quantize_super`), as llama.cpp's
+reference quantizer does. In our (scale, zero) form the
 scale is d sc, exact in float32, and the zero is m dmin / (d sc), a float (the asymmetric
 types dequantize as (c - z) s = c d sc - m dmin up to float32 rounding of z).
 
@@ -56,15 +57,11 @@ BITS_PER_WEIGHT = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_
 _FP16_TINY = 2.0**-24  # float16's smallest subnormal: d for an all-zero super-block
 
 
-def raw_ranges(
-    sub: torch.Tensor, kt: KType, shrink: torch.Tensor | float = 1.0
+def raw_params(
+    xmin: torch.Tensor, xmax: torch.Tensor, kt: KType
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unquantized scale and min ([rows, n]) of sub-blocks ``sub`` [rows, n, size], their
-    ranges (widened to 0) shrunk by ``shrink``. Symmetric: the larger end lands on the lowest
-    level (signed scale, min 0); asymmetric: the min is -xmin >= 0."""
-    zero = torch.zeros((), dtype=sub.dtype, device=sub.device)
-    xmin = torch.minimum(sub.amin(-1), zero) * shrink
-    xmax = torch.maximum(sub.amax(-1), zero) * shrink
+    """Unquantized scale and min of sub-block ranges that contain 0. Symmetric: the larger
+    end lands on the lowest level (signed scale, min 0); asymmetric: the min is -xmin >= 0."""
     if kt.symmetric:
         extreme = torch.where(-xmin >= xmax, xmin, xmax)
         return -extreme / 2 ** (kt.bits - 1), torch.zeros_like(xmin)
@@ -97,54 +94,16 @@ def quantize_super(
     s = d * sc
     if kt.symmetric:
         return s, torch.full_like(s, 2.0 ** (kt.bits - 1))
-    dmin = (minimum.amax(1, keepdim=True) / kt.levels).to(torch.float16).float()
+    dmin, m = _on_min_unit(minimum, kt.levels)
+    return s, (dmin * m.clamp(0, kt.levels)) / s
+
+
+def _on_min_unit(minimum: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dmin, the float16 unit ([rows, 1], float32) that puts the largest min on ``levels``,
+    and every min rounded to a multiple of it (all 0 when every min is 0)."""
+    dmin = (minimum.amax(1, keepdim=True) / levels).to(torch.float16).float()
     safe = torch.where(dmin == 0, torch.ones_like(dmin), dmin)
-    m = torch.where(
-        dmin == 0, torch.zeros_like(minimum), torch.round(minimum / safe).clamp(0, kt.levels)
-    )
-    return s, (dmin * m) / s
-
-
-def _codes_error(
-    sub: torch.Tensor, s: torch.Tensor, z: torch.Tensor, kt: KType, norm: float,
-    weight: torch.Tensor | None,
-) -> torch.Tensor:  # fmt: skip
-    s, z = s[..., None], z[..., None]
-    c = torch.clamp(torch.round(sub / s + z), 0, 2**kt.bits - 1)
-    err = ((c - z) * s - sub).abs().pow(norm)
-    return (err if weight is None else err * weight).sum(-1)
-
-
-def fit_superblock(
-    w: torch.Tensor, kt: KType, *, importance: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero ([rows, 256 / sub]) of one super-block of columns ``w`` [rows, 256],
-    from its current values. Each sub-block's range is shrunk by the factor (1 .. 0.2, step
-    0.01) with the least |error|^2.4 before the super-block rounding, as llama.cpp's
-    quantizer searches its scales (always: at 2 and 3 bits min/max ranges cost up to 40% more
-    output error), each column's error weighted by its ``importance`` [256] when given
-    (GPTQ: diag(H), the input's energy, what llama.cpp's imatrix weighs its fit with)."""
-    from compensator.quant.grid import CLIP_NORM, search_shrink
-
-    rows, cols = w.shape
-    if cols != SUPER:
-        raise ValueError(
-            f"a K-quant super-block is {SUPER} columns, not {cols} (QuantSpec.for_width gives "
-            "the fallback spec for rows of other widths)"
-        )
-    sub = w.float().reshape(rows, -1, kt.sub)
-    weight = None if importance is None else importance.float().reshape(-1, kt.sub)
-
-    def error_of(p: float) -> torch.Tensor:
-        s, m = raw_ranges(sub, kt, p)
-        z = torch.full_like(s, 2.0 ** (kt.bits - 1)) if kt.symmetric else m / _nonzero(s)
-        return _codes_error(sub, _nonzero(s), z, kt, CLIP_NORM, weight)
-
-    return quantize_super(*raw_ranges(sub, kt, search_shrink(error_of)), kt)
-
-
-def _nonzero(s: torch.Tensor) -> torch.Tensor:
-    return torch.where(s == 0, torch.ones_like(s), s)
+    return dmin, torch.round(minimum / safe)
 
 
 def factors(
@@ -161,9 +120,7 @@ def factors(
     if kt.symmetric:
         return d, sc, torch.zeros_like(d), torch.zeros_like(sc)
     minimum = zero * scale
-    dmin = (minimum.amax(1, keepdim=True) / kt.levels).to(torch.float16).float()
-    safe = torch.where(dmin == 0, torch.ones_like(dmin), dmin)
-    m = torch.round(minimum / safe)
+    dmin, m = _on_min_unit(minimum, kt.levels)
     if (
         m.min() < 0
         or m.max() > kt.levels

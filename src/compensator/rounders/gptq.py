@@ -25,8 +25,7 @@ from typing import Literal
 import torch
 
 from compensator.linalg import NotPositiveDefinite, damped_cholesky
-from compensator.quant.grid import fit_group, fit_params
-from compensator.quant.kquant import fit_superblock
+from compensator.quant.grid import fit_group, fit_params, fit_superblock
 from compensator.quant.spec import (
     QuantizedWeight,
     QuantParams,
@@ -278,7 +277,7 @@ class _Groups:
             s, z = fit_group(current, self.spec, clip_search=self.clip_search)
             self.scale[:, g], self.zero[:, g] = s.to(wd.dtype), z.to(wd.dtype)
         else:
-            s, z = fit_superblock(current, self.spec.ktype, importance=self.importance[members])
+            s, z = fit_superblock(current, self.spec, importance=self.importance[members])
             self.scale[:, first : first + span] = s.to(wd.dtype)
             self.zero[:, first : first + span] = z.to(wd.dtype)
         self.fitted[first : first + span] = [True] * span
