@@ -186,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = {**_rows(Path(tmp)), **_wide_rows(Path(tmp))}
         results = {str(t): measure(rows, t) for t in threads}
-    from compensator.nn.kernels import qgemv
+    from compensator.kernels import qgemv
 
     kernel = qgemv()
     meta = {"command": "python benchmarks/inference.py --threads " + args.threads,

@@ -26,7 +26,7 @@ def test_peak_memory_is_flat_in_depth(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "flat.json").read_text())
     (row,) = result["rows"]
     # 2 and 8 blocks, not the benchmark's 4 and 16, to halve CI time: a whole load adds
-    # 6 blocks (365 MB; the committed 4/16 rows measured +755 MB whole, +7 MB lazy).
+    # 6 blocks (365 MB; the committed 4/16 rows measured +751 MB whole, +44 MB lazy).
     print(row, f"6 blocks of fp32 = {result['more_blocks_mb']:.0f} MB")
     assert row["rss_8"] - row["rss_2"] < 150, row
     assert result["more_blocks_mb"] > 350  # what a whole load would add

@@ -16,9 +16,10 @@ SRC = Path(__file__).parents[1] / "src" / "compensator"
 # quant (specs, grids, packing); runtime modules and model adapters; the maths (pure
 # functions handed their statistics); steps (configs wiring maths to statistics); recipes;
 # the engine; formats, data and evaluation; the face (api, cli, demo) may import anything.
-LEAF = {"errors", "types", "linalg", "parallel"}
+LEAF = {"errors", "types", "linalg", "parallel", "kernels"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "kernels": set(),
     "parallel": {"errors"},
     "types": {"parallel"},
     "linalg": set(),

@@ -8,9 +8,9 @@ import torch
 
 import compensator as cp
 import compensator.nn.quant_linear as ql
+from compensator.kernels import qgemv
 from compensator.models.loading import LoadedModel
 from compensator.nn import QuantLinear
-from compensator.nn.kernels import qgemv
 from compensator.quant.spec import QuantSpec
 from compensator.rounders.rtn import rtn
 from compensator.types import LowRank

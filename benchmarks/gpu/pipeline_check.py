@@ -1,8 +1,9 @@
 """Ready GPU check (issue 17, item 5; not part of CI): the block pipeline on CUDA.
 
 Runs GPTQ and gptaq-exact on SmolLM2 and on a random Llama with Llama-3-8B's block shapes
-(4 blocks, so it fits any GPU), reuse on and off, and prints seconds, the pipeline's split
-of them, peak GPU memory, and whether the two runs are bit-identical. Writes
+(4 blocks, so it fits any GPU), in float32 and in bfloat16 (``quantize --dtype``: blocks and
+streams in it, statistics and rounding in float32), reuse on and off, and prints seconds,
+the pipeline's split of them, peak GPU memory, and whether the two runs are bit-identical. Writes
 benchmarks/results/gpu-pipeline.{json,md}.
 
     COMPENSATOR_DATA=../shared/data python benchmarks/gpu/pipeline_check.py --calib-windows 32
@@ -49,12 +50,14 @@ def models(args: argparse.Namespace) -> dict[str, tuple[Any, torch.Tensor]]:
     return out
 
 
-def run(model: Any, ids: torch.Tensor, recipe: str, reuse: bool) -> dict[str, Any]:
+def run(
+    model: Any, ids: torch.Tensor, recipe: str, reuse: bool, dtype: torch.dtype
+) -> dict[str, Any]:
     from compensator.models.adapter import get_adapter
     from compensator.pipeline.runner import run_pipeline
     from compensator.recipes.recipe import load_recipe
 
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).to(dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -79,20 +82,22 @@ def main() -> None:
     ap.add_argument("--calib", default="wikitext2-valid")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--recipes", default="gptq,gptaq-exact")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this check is for a GPU machine")
     rows = []
     for name, (model, ids) in models(args).items():
         for recipe in args.recipes.split(","):
-            on = run(model, ids, recipe, True)
-            off = run(model, ids, recipe, False)
-            same = all(torch.equal(on["state"][k], off["state"][k]) for k in on["state"])
-            row = {"model": name, "recipe": recipe, "identical": same}
-            for tag, r in (("on", on), ("off", off)):
-                row.update({f"{k}_{tag}": v for k, v in r.items() if k != "state"})
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for dtype in args.dtypes.split(","):
+                on = run(model, ids, recipe, True, getattr(torch, dtype))
+                off = run(model, ids, recipe, False, getattr(torch, dtype))
+                same = all(torch.equal(on["state"][k], off["state"][k]) for k in on["state"])
+                row = {"model": name, "recipe": recipe, "dtype": dtype, "identical": same}
+                for tag, r in (("on", on), ("off", off)):
+                    row.update({f"{k}_{tag}": v for k, v in r.items() if k != "state"})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     result = {
         "command": " ".join(["python", "benchmarks/gpu/pipeline_check.py", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name(),
@@ -104,12 +109,14 @@ def main() -> None:
         "",
         f"`{result['command']}` on {result['device']}",
         "",
-        "| model | recipe | s (reuse) | s (recompute) | forward on/off | peak GPU GB | identical |",
-        "|---|---|---|---|---|---|---|",
+        "| model | recipe | dtype | s (reuse) | s (recompute) | forward on/off | peak GPU GB "
+        "| identical |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['recipe']} | {r['wall_on']:.1f} | {r['wall_off']:.1f} | "
+            f"| {r['model']} | {r['recipe']} | {r['dtype']} | {r['wall_on']:.1f} | "
+            f"{r['wall_off']:.1f} | "
             f"{r['forward_on'] / r['forward_off']:.2f}x | {r['peak_gpu_gb_on']:.2f} | "
             f"{'yes' if r['identical'] else 'NO'} |"
         )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def peer_parser() -> argparse.ArgumentParser:
-    """MODEL_DIR CALIB.safetensors OUT_DIR --bits B --group-size G [--threads T], as
-    benchmarks/peers/run.py calls every script."""
+    """MODEL_DIR CALIB.safetensors OUT_DIR --bits B --group-size G [--threads T] [--dtype D],
+    as benchmarks/peers/run.py calls every script (benchmarks/gptq_time.py adds --dtype)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("calib")
@@ -18,6 +18,10 @@ def peer_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bits", type=int, required=True)
     ap.add_argument("--group-size", type=int, required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"],
+        help="the dtype the model is loaded and calibrated in",
+    )  # fmt: skip
     return ap
 
 

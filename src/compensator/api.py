@@ -114,6 +114,7 @@ def quantize(
     streams: StreamsAt = "auto",
     offload_dir: str | Path | None = None,
     ranks: Ranks | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> QuantizedModel:
     """Quantize the Linear layers of the decoder blocks of ``model`` with ``recipe``.
 
@@ -123,24 +124,24 @@ def quantize(
     when COMPENSATOR_DATA is set, else the embedded corpus), or a LongTensor of token
     windows [n, seqlen] used as is. ``rank`` is a number of components or a share like "30%";
     ``kquant`` ("Q4_K", ...) and ``float_min`` fit GGUF's own grids (docs/export.md). No
-    process-wide state: every random draw has its own generator, from ``seed`` (calibration
-    windows; added to the steps' own seeds: k-means, data order, rotations).
+    process-wide state: every random draw has its own generator, from ``seed``.
 
     ``resume`` (a directory, or an open :class:`RunState`) keeps every finished block there:
-    calling again with the same arguments after a crash or Ctrl-C continues at the first
-    unfinished block, bit-identical to an uninterrupted run; different arguments, or
-    ``restart``, start over. :func:`save` removes the directory once the model is saved.
-    ``trust_remote_code`` lets a hub or local model run its own Python code (off unless asked).
-    ``starved_experts``: what becomes of an MoE expert routed too few tokens ("all-tokens" or
-    "rtn"). ``lazy`` (default: with a ``resume`` state and a safetensors dir or GGUF) reads
+    the same call after a crash or Ctrl-C continues at the first unfinished block,
+    bit-identical; other arguments, or ``restart``, start over; :func:`save` removes it.
+    ``trust_remote_code``: let the model run its own code. ``starved_experts``: an MoE expert
+    routed too few tokens is calibrated on "all-tokens" or rounded "rtn". ``lazy`` (default: with a ``resume`` state and a safetensors dir or GGUF) reads
     each block only while it is quantized; the result can then only be saved. ``streams``:
     where calibration activations rest ("device", "cpu", "disk": memory-mapped under
-    ``offload_dir``, default the ``resume`` dir; "auto" picks from free memory). All:
-    docs/big-models.md. Under torchrun (``ranks``: by default the torch.distributed group
-    this process is in) the run is data-parallel: docs/distributed.md."""
-    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "epochs": epochs,
-             "kquant": kquant, "float_min": float_min}  # fmt: skip
-    rec = load_recipe(recipe).with_overrides(**given, rank=rank, act_bits=act_bits, seed=seed)
+    ``offload_dir``, default the ``resume`` dir; "auto" picks from free memory). ``dtype``:
+    what the blocks run and the streams rest in ("float32", "bfloat16", "float16", "auto": the
+    config's; default float32 for files, an object's own); statistics and rounding stay
+    float32. All: docs/big-models.md. Under torchrun (``ranks``: by default the
+    torch.distributed group this process is in) the run is data-parallel: docs/distributed.md."""
+    rec = load_recipe(recipe).with_overrides(
+        bits=bits, group_size=group_size, symmetric=symmetric, epochs=epochs, kquant=kquant,
+        float_min=float_min, rank=rank, act_bits=act_bits, seed=seed,
+    )  # fmt: skip
     check_group_size(group_size)
     if rec.needs_data() and not isinstance(calibration, torch.Tensor):
         check_calibration_size(calib_windows, seqlen)
@@ -149,7 +150,7 @@ def quantize(
         state = _run_state(stack, resume, restart, ranks)
         in_memory = not isinstance(model, str | Path)
         loaded, net, experts = open_model(
-            model, tokenizer, rec, trust_remote_code, lazy, inplace, state is not None
+            model, tokenizer, rec, trust_remote_code, lazy, inplace, state is not None, dtype
         )
         adapter = _checked_adapter(net, rec, rank, group_size)
         ids, calib_info = _calibration(loaded, net, rec, calibration, calib_windows, seqlen, seed)

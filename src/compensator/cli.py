@@ -24,6 +24,7 @@ from compensator.cli_options import (
     setup_logging,
 )
 from compensator.errors import CompensatorError, RunInterrupted
+from compensator.models.dtypes import DTYPE_CHOICES
 from compensator.parallel import launched
 from compensator.pipeline.memory import fix_mmap_threshold, peak_rss_mb
 
@@ -85,6 +86,12 @@ _OFFLOAD_HELP = "Directory for --streams disk (default: <out>.partial)."
     help=_STREAMS_HELP,
 )
 @click.option("--offload-dir", type=click.Path(file_okay=False), help=_OFFLOAD_HELP)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default=None,
+    help="Load and calibrate in (default float32; auto: the config's). Maths stays float32.",
+)
 @click.option("--no-progress", is_flag=True)
 @friendly
 def quantize(
@@ -283,6 +290,10 @@ def _step_label(step: Any) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--whole", is_flag=True, help="Plan a whole load (hub models, quarot-*).")
 @click.option("--ranks", type=click.IntRange(1), default=1, help="Data-parallel ranks (torchrun).")
+@click.option(
+    "--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
+    help="As quantize --dtype.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
 def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -> None:
@@ -294,7 +305,7 @@ def plan_cmd(model: str, recipe: str, whole: bool, as_json: bool, **opts: Any) -
     rec = load_recipe(recipe).with_overrides(**{k: opts[k] for k in keys})
     p = plan(
         model, rec, opts["calib_windows"], opts["seqlen"], opts["batch_size"], whole,
-        opts["ranks"],
+        opts["ranks"], opts["dtype"],
     )  # fmt: skip
     click.echo(json.dumps(p) if as_json else format_plan(p))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compensator.errors import CompensatorError
+from compensator.models.dtypes import config_dtype, dtype_name, parse_dtype
 from compensator.pipeline.exchange import exchange
 from compensator.pipeline.footprint import (
     ModelShape,
@@ -74,7 +75,9 @@ def read_config(model: str) -> tuple[dict[str, Any], bool]:
     )
 
 
-def run_shape(recipe: Recipe, windows: int, seqlen: int, batch_size: int, lazy: bool) -> RunShape:
+def run_shape(
+    recipe: Recipe, windows: int, seqlen: int, batch_size: int, lazy: bool, itemsize: int = 4
+) -> RunShape:
     from compensator.pipeline.stats import STATISTICS, AbsMean
     from compensator.quant.kquant import BITS_PER_WEIGHT
 
@@ -94,6 +97,8 @@ def run_shape(recipe: Recipe, windows: int, seqlen: int, batch_size: int, lazy: 
         learned=any(s.has_block_hook for s in recipe.steps),
         epochs=int(getattr(recipe.trainer, "epochs", 0) or 0),
         bits_per_weight=bpw,
+        weight_itemsize=itemsize,
+        stream_itemsize=itemsize,
         lazy=lazy and not recipe.transforms,
     )
 
@@ -167,11 +172,14 @@ def plan(
     batch_size: int = 8,
     whole: bool = False,
     ranks: int = 1,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """The plan of quantizing ``model`` with ``recipe`` (:func:`estimate`, with what it
-    assumed). Over ``ranks`` data-parallel ranks: each rank's memory (it holds its share of
-    the windows) and what the ranks exchange per block (:func:`exchange`)."""
+    assumed) in ``dtype`` (as ``quantize --dtype``; its time is float32's). Over ``ranks``
+    data-parallel ranks: each rank's memory (it holds its share of the windows) and what the
+    ranks exchange per block (:func:`exchange`)."""
     config, lazy = read_config(model)
+    work = parse_dtype(dtype) or config_dtype(config)
     try:
         shape = ModelShape.from_config(config)
     except (KeyError, TypeError, ValueError) as err:
@@ -179,13 +187,16 @@ def plan(
             f"'{model}': its config lacks {err} (plan reads hidden_size, num_hidden_layers, "
             "num_attention_heads, vocab_size and the like)"
         ) from None
-    run = run_shape(recipe, max(windows // ranks, 1), seqlen, batch_size, lazy and not whole)
+    run = run_shape(
+        recipe, max(windows // ranks, 1), seqlen, batch_size, lazy and not whole, work.itemsize
+    )
     out = {
         "model": model,
         "recipe": recipe.name or "custom",
         "scheme": recipe.label(),
         "calibration": f"{windows} x {seqlen}",
         "read": "block by block" if run.lazy else "whole",
+        "dtype": dtype_name(work),
         "params": shape.outside_params() + shape.blocks_params(),
         **estimate(shape, run),
     }
@@ -211,7 +222,7 @@ def format_plan(p: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {_gb(v)}" for k, v in biggest)
     lines = [
         f"plan: {p['model']} ({p['params'] / 1e9:.2f}B params), {p['recipe']} {p['scheme']}, "
-        f"calibration {p['calibration']}, weights read {p['read']}",
+        f"calibration {p['calibration']}, weights read {p['read']}, in {p['dtype']}",
         f"  CPU work device   peak RSS {_gb(cpu['peak'])}  (largest: {parts})",
         f"  CUDA work device  peak GPU memory {_gb(cuda['peak'])} with streams on the GPU, "
         f"{_gb(cuda['peak_streams_on_cpu'])} with --streams cpu; host RSS {_gb(cuda['host'])}",

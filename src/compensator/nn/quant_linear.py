@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compensator.nn.kernels import qgemv
+from compensator.kernels import qgemv
 from compensator.nn.registry import (
     LayerExtras,
     LowRankInput,

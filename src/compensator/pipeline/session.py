@@ -15,6 +15,7 @@ from torch import nn
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.models.adapter import ModelAdapter
 from compensator.models.checks import check_finite_weights
+from compensator.models.dtypes import dtype_name, load_dtype, parse_dtype
 from compensator.models.lazy import LazyWeights, wants_lazy
 from compensator.models.loading import LoadedModel, load_model, local_files
 from compensator.parallel import SOLO, Ranks
@@ -71,6 +72,7 @@ class PipelineRun:
             fingerprint = run_fingerprint(
                 base_fp, recipe, input_ids, calib_info, self.device, self.batch_size, self.version
             )
+            fingerprint["dtype"] = dtype_name(next(net.parameters()).dtype)
             if self.ranks.parallel:
                 fingerprint["ranks"] = self.ranks.world
             self._begin(fingerprint, len(adapter.blocks(net)))
@@ -93,11 +95,15 @@ def as_loaded(
     tokenizer: Any,
     trust_remote_code: bool = False,
     lazy: bool = False,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str | Path):
-        return load_model(str(model), trust_remote_code=trust_remote_code, lazy=lazy)
+        return load_model(
+            str(model), dtype=load_dtype(dtype, model), trust_remote_code=trust_remote_code,
+            lazy=lazy,
+        )  # fmt: skip
     if tokenizer is None:
         raise CompensatorError(
             "quantize(model_object) needs tokenizer=...; or pass a model name/path"
@@ -114,20 +120,38 @@ def open_model(
     lazy: bool | None,
     inplace: bool,
     has_state: bool,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[LoadedModel, nn.Module, list[str]]:
-    """The loaded model, the network to quantize (a copy of an object unless ``inplace``),
-    and its experts (split into Linears): read lazily when asked (``lazy`` True) or by
-    default (None) where its files, ``has_state`` and the recipe allow."""
+    """The loaded model, the network to quantize (a copy of an object unless ``inplace``, in
+    ``dtype`` when one is given), and its experts (split into Linears): read lazily when asked
+    (``lazy`` True) or by default (None) where its files, ``has_state`` and the recipe allow."""
     asked_lazy = lazy is True
     lazy = wants_lazy(lazy, local_files(model), bool(rec.transforms), has_state)
-    loaded = as_loaded(model, tokenizer, trust_remote_code, lazy)
+    loaded = as_loaded(model, tokenizer, trust_remote_code, lazy, dtype)
     in_memory = not isinstance(model, str | Path)
     net = loaded.model if inplace or not in_memory else copy.deepcopy(loaded.model)
+    if in_memory and dtype is not None and (cast := parse_dtype(dtype)) is not None:
+        net.to(cast)
+    check_work_dtype(net, rec)
     check_finite_weights(net)
     experts = split_experts(net, rec)
     if loaded.weights is not None and (why := loaded.weights.mismatch(net)):
         # Asked for explicitly, the whole load may not fit: say so louder.
         say = log.warning if asked_lazy else log.info
         say("%s: cannot read it block by block (%s); loading it whole", model, why)
-        return open_model(model, tokenizer, rec, trust_remote_code, False, inplace, has_state)
+        return open_model(
+            model, tokenizer, rec, trust_remote_code, False, inplace, has_state, dtype
+        )
     return loaded, net, experts
+
+
+def check_work_dtype(net: nn.Module, rec: Recipe) -> None:
+    """Steps that train run their parameters and Adam in the block's dtype: half-precision
+    blocks are refused for them (the statistics and rounding of the others upcast)."""
+    dtype = next(net.parameters()).dtype
+    learned = [s.name for s in rec.steps if s.has_block_hook]
+    if dtype != torch.float32 and learned:
+        raise CompensatorError(
+            f"recipe {rec.name or 'custom'} trains ({', '.join(learned)}), which runs in float32 "
+            f"only, and the model is {dtype_name(dtype)}: use --dtype float32"
+        )

@@ -148,6 +148,10 @@ class FoldedTerms(Terms):
         self.errors[:, q] = e
         self.values[:, q] = col
 
+    def after_columns(self, w1: torch.Tensor, err1: torch.Tensor, i1: int, a: int, b: int) -> None:
+        self.errors[:, i1 + a : i1 + b] = err1[:, a:b]
+        self.values[:, i1 + a : i1 + b] = w1[:, a:b]  # a rounded column's value is not updated
+
     def group_values(self, k: int, members: torch.Tensor) -> torch.Tensor:
         """The unfolded algorithm's values of columns ``members`` once columns < k are done."""
         cur = self.w0[:, members] - self.errors[:, :k] @ self.u0[:k, members]
@@ -162,6 +166,7 @@ class UnfoldedTerms(Terms):
     """Both terms applied column by column (the clamped / quantized lazy sources)."""
 
     keeps_source = True
+    columnwise = True
 
     def __init__(
         self,

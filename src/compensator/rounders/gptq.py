@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from compensator.kernels import gptq_columns
 from compensator.linalg import NotPositiveDefinite, damped_cholesky
 from compensator.quant.grid import fit_group, fit_params, fit_superblock
 from compensator.quant.spec import (
@@ -123,6 +124,9 @@ class Terms:
     """
 
     keeps_source = False
+    # Whether ``after_column`` must run after every column (so the compiled column loop,
+    # which calls ``after_columns`` once per run of columns instead, cannot serve).
+    columnwise = False
 
     def __init__(self, u: torch.Tensor) -> None:
         self.u = u
@@ -137,6 +141,10 @@ class Terms:
         deq: torch.Tensor, e: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     ) -> None:  # fmt: skip
         """Called after column ``q`` (block offset ``i``) was rounded and its error spread."""
+
+    def after_columns(self, w1: torch.Tensor, err1: torch.Tensor, i1: int, a: int, b: int) -> None:
+        """Called after the compiled loop rounded block columns ``a`` .. ``b - 1`` (their
+        values in ``w1``, errors in ``err1``); what ``after_column`` does, for a run."""
 
     def group_values(self, k: int, members: torch.Tensor) -> torch.Tensor | None:
         """The values of a group's columns once columns < k are done, when the terms change
@@ -183,13 +191,16 @@ def solve(
     rows, cols = wd.shape
     groups = _Groups.start(problem, wd, params, group_params, clip_search)
     codes = torch.zeros(rows, cols, dtype=problem.dtype, device=wd.device)
+    kernel = _column_kernel(problem, terms, wd)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wd[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         src1 = torch.zeros_like(w1) if terms.keeps_source else err1[:, :0]
         u1 = terms.u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        if kernel is not None:
+            _compiled_block(kernel, problem, groups, terms, wd, w1, err1, codes, i1, i2)
+        for i in range(0 if kernel is None else i2 - i1, i2 - i1):
             q = i1 + i
             g = groups.fit_if_first(q, terms, wd, w1, err1, src1, i1, i, i2)
             col = w1[:, i].clone()
@@ -210,6 +221,34 @@ def solve(
     return QuantizedWeight(codes.to(torch.uint8), QuantParams(scale, zero), spec)
 
 
+def _column_kernel(problem: Problem, terms: Terms, wd: torch.Tensor) -> Any | None:
+    """The compiled column loop where it serves: float32 on CPU, no per-column terms."""
+    if problem.dtype != torch.float32 or wd.device.type != "cpu" or terms.columnwise:
+        return None
+    return gptq_columns()
+
+
+def _compiled_block(
+    kernel: Any, problem: Problem, groups: _Groups, terms: Terms, wd: torch.Tensor,
+    w1: torch.Tensor, err1: torch.Tensor, codes: torch.Tensor, i1: int, i2: int,
+) -> None:  # fmt: skip
+    """Block columns i1 .. i2 - 1 by the compiled loop, in runs that end where a group is
+    still to be fitted (fitted here, from the values the loop left, as the Python loop does)."""
+    spec, u1 = problem.spec, terms.u[i1:i2, i1:i2].contiguous()
+    i, width = 0, i2 - i1
+    while i < width:
+        groups.fit_if_first(i1 + i, terms, wd, w1, err1, err1[:, :0], i1, i, i2)
+        j = i + 1
+        while j < width and groups.fitted[groups.group_list[i1 + j]]:
+            j += 1
+        kernel.gptq_columns(
+            w1, err1, codes, u1, groups.scale.contiguous(), groups.zero.contiguous(),
+            groups.group_of, i1, i, j, float(spec.maxq), spec.float_zero,
+        )  # fmt: skip
+        terms.after_columns(w1, err1, i1, i, j)
+        i = j
+
+
 @dataclass
 class _Groups:
     """Each group's scale and zero, fitted up front (static, learned) or when the group's
@@ -224,6 +263,7 @@ class _Groups:
     spec: QuantSpec
     clip_search: bool
     importance: torch.Tensor  # diag(H) in processing order: K-quant clip search weights
+    group_of: torch.Tensor  # the group of each column in processing order (int64)
 
     @classmethod
     def start(
@@ -249,7 +289,7 @@ class _Groups:
         gl = problem.group_idx.tolist()
         return cls(
             scale, zero, fitted, gl, pos_of, spec.group_width(cols), spec, clip_search,
-            torch.diagonal(problem.h),
+            torch.diagonal(problem.h), problem.group_idx.to(torch.int64).contiguous(),
         )  # fmt: skip
 
     def fit_if_first(
