@@ -65,7 +65,11 @@ torch::Tensor qgemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
           xq[m * K + p + 2 * i + 1] = xp[m * K + p + 8 + i];
         }
 #endif
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  // Threads only for layers of about a million weights or more per input row: below that,
+  // waking a second thread at every call costs more than it saves (SmolLM2 at 2 threads
+  // decoded slower than at 1).
+  const int64_t grain = std::max<int64_t>(16, ((int64_t(1) << 20) / std::max<int64_t>(K * M, 1) + 15) / 16 * 16);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = xp + m * K;
       const float* xsr = xs + m * G;
