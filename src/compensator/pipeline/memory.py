@@ -43,11 +43,9 @@ def fix_mmap_threshold(nbytes: int = 8 << 20) -> bool:
     Measured (benchmarks/big_models.py, GPTQ read block by block): peak RSS 1175 MB with 4
     blocks and 1367 MB with 16 without it (and 1155 / 1045 MB in another run: the heap's
     state decides), 994 / 994 MB with 1 MiB. But at 1 MiB every mid-sized activation of a
-    forward is a fresh mapping whose pages fault in again: GPTQ on SmolLM2 took 67 s against
-    51 s without the fix (forward passes 39.5 / 26 s). 8 MiB keeps the speed (50.5 s) and the
-    depth test flat (4 / 16 blocks: GPTQ 1008 / 1010 MB, gptaq-exact 1100 / 1194 MB); 4 MiB
-    was flatter for gptaq-exact (1103 / 1087) but slower (60 s). True when the allocator took
-    it."""
+    forward is a fresh mapping whose pages fault in again: GPTQ on SmolLM2 took 1.22x the time
+    of no setting, 1.06x at 8 MiB (benchmarks/results/allocator.md), which keeps the depth test
+    flat (benchmarks/results/big-models.md). True when the allocator took it."""
     libc = _libc()
     mallopt = getattr(libc, "mallopt", None)
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, nbytes))

@@ -197,28 +197,37 @@ def solve(
         w1 = wd[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         src1 = torch.zeros_like(w1) if terms.keeps_source else err1[:, :0]
-        u1 = terms.u[i1:i2, i1:i2]
         if kernel is not None:
             _compiled_block(kernel, problem, groups, terms, wd, w1, err1, codes, i1, i2)
-        for i in range(0 if kernel is None else i2 - i1, i2 - i1):
-            q = i1 + i
-            g = groups.fit_if_first(q, terms, wd, w1, err1, src1, i1, i, i2)
-            col = w1[:, i].clone()
-            s, z = groups.scale[:, g], groups.zero[:, g]
-            c = quantize_codes(col, s, z, spec)
-            codes[:, q] = c
-            deq = dequantize_codes(c, s, z).to(problem.dtype)
-            e = (col - deq) / u1[i, i]
-            # In-place rank-1 updates: these loops are bound by per-op overhead.
-            w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1)
-            err1[:, i] = e
-            terms.after_column(w1, src1, q, i, i2, col, deq, e, s, z)
+        else:
+            _python_block(problem, groups, terms, wd, w1, err1, src1, codes, i1, i2)
         if i2 < cols:
             wd[:, i2:] += terms.pending(err1, src1, i1, i2 - i1, slice(i2, cols))
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     scale, zero = groups.scale.float(), groups.zero.float()
     return QuantizedWeight(codes.to(torch.uint8), QuantParams(scale, zero), spec)
+
+
+def _python_block(
+    problem: Problem, groups: _Groups, terms: Terms, wd: torch.Tensor, w1: torch.Tensor,
+    err1: torch.Tensor, src1: torch.Tensor, codes: torch.Tensor, i1: int, i2: int,
+) -> None:  # fmt: skip
+    """Block columns i1 .. i2 - 1 one by one (float64, CUDA, per-column terms)."""
+    u1 = terms.u[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        q = i1 + i
+        g = groups.fit_if_first(q, terms, wd, w1, err1, src1, i1, i, i2)
+        col = w1[:, i].clone()
+        s, z = groups.scale[:, g], groups.zero[:, g]
+        c = quantize_codes(col, s, z, problem.spec)
+        codes[:, q] = c
+        deq = dequantize_codes(c, s, z).to(problem.dtype)
+        e = (col - deq) / u1[i, i]
+        # In-place rank-1 updates: these loops are bound by per-op overhead.
+        w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1)
+        err1[:, i] = e
+        terms.after_column(w1, src1, q, i, i2, col, deq, e, s, z)
 
 
 def _column_kernel(problem: Problem, terms: Terms, wd: torch.Tensor) -> Any | None:
