@@ -86,3 +86,18 @@ def test_gptq_dead_column_is_zero_and_static_groups_valid() -> None:
     ref = fit_params(w0.float(), spec)
     assert torch.allclose(q.params.scale, ref.scale)
     assert q.codes.max() <= spec.maxq
+
+
+@pytest.mark.parametrize("d", [1, 7, 200])
+def test_inverse_cholesky_upper_factors_the_inverse(d: int) -> None:
+    """U is upper triangular with a positive diagonal and U^T U = H^-1 (float64 reference)."""
+    from compensator.rounders.gptq import inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(4 * d + 3, d, generator=g, dtype=torch.float64)
+    h = x.T @ x + 0.01 * torch.eye(d, dtype=torch.float64)
+    u = inverse_cholesky_upper(h)
+    assert torch.equal(u, torch.triu(u)) and bool((u.diagonal() > 0).all())
+    assert torch.allclose(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
+    u32 = inverse_cholesky_upper(h.float())
+    assert torch.allclose(u32.double(), u, rtol=1e-3, atol=1e-4 * u.abs().max().item())

@@ -167,3 +167,21 @@ def test_peak_memory_does_not_grow_with_blocks() -> None:
     two, ten = _pipeline_peak_mb(2), _pipeline_peak_mb(10)
     assert two > 30, two  # the probe does see the streams
     assert ten < two + 100, (two, ten)
+
+
+@pytest.mark.parametrize("d", [5, 64, 200, 577])
+def test_upper_gram_mirrors_to_the_full_product(d: int) -> None:
+    """The Hessian sums only its upper block triangle; mirrored, it is X^T X (in float64)
+    and exactly symmetric, over several batches."""
+    g = torch.Generator().manual_seed(d)
+    batches = [torch.randn(3, 50, d, generator=g) * torch.rand(d, generator=g) for _ in range(3)]
+    h = Hessian(d, torch.device("cpu"))
+    for x in batches:
+        h.update(x, None)
+    got = h.result()
+    x = torch.cat([b.reshape(-1, d) for b in batches]).double()
+    want = x.T @ x / x.shape[0]
+    assert torch.equal(got, got.T)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if d >= 200:  # tiled: most of the lower triangle was never computed
+        assert int((torch.tril(h.sum, -1) == 0).sum()) > d * (d - 1) // 4

@@ -94,3 +94,18 @@ def test_per_channel_and_spec_validation() -> None:
         QuantSpec(bits=9)
     with pytest.raises(ValueError):
         QuantSpec(bits=1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("n", [1, 7, 32, 33, 577])
+def test_aligned_widths_pack_as_the_bit_stream_does(bits: int, n: int) -> None:
+    """Widths dividing 32 take a shortcut: the same words as the general bit stream."""
+    from compensator.quant.pack import _pack_stream, _unpack_stream
+
+    g = torch.Generator().manual_seed(bits * 7 + n)
+    codes = torch.randint(0, 2**bits, (5, n), generator=g)
+    codes[0] = 2**bits - 1  # top bit of every word set: negative int32 words
+    words = pack_int32(codes, bits)
+    assert torch.equal(words, _pack_stream(codes, bits))
+    assert torch.equal(unpack_int32(words, bits, n), _unpack_stream(words, bits, n))
+    assert unpack_int32(words, bits, n).dtype == torch.int64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -42,6 +43,24 @@ def damped_cholesky(
             raise NotPositiveDefinite(
                 f"the Gram matrix is not positive definite even with damping {limit:g}"
             )
+
+
+def add_gram_upper_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` for ``x`` [tokens, d], computed on the diagonal blocks and above them
+    only: the product is symmetric, and column tiles of ~128 skip ~40% of its flops at the
+    widths of LLM layers (measured 6.3 -> 4.4 ms at d 576, 43 -> 29 ms at 1536, 4096 tokens,
+    2 threads). Below the diagonal blocks ``acc`` is left as it was; read it through
+    :func:`symmetric_from_upper`."""
+    d = x.shape[1]
+    tiles = max(1, min(12, round(d / 128)))
+    edges = [d * i // tiles for i in range(tiles + 1)]
+    for a, b in itertools.pairwise(edges):
+        acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+
+
+def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``m``'s."""
+    return torch.triu(m) + torch.triu(m, 1).T
 
 
 def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from compensator.pipeline.footprint import (
     RunShape,
     checkpoint_bytes,
     resident_weights,
+    stream_bytes,
     working_set,
 )
 from compensator.recipes.recipe import Recipe
@@ -37,17 +38,18 @@ CUDA_CONTEXT = 600e6
 
 @dataclass(frozen=True)
 class CpuRates:
-    """Per-block costs on 2 CPU threads, measured by ``benchmarks/plan.py`` (2026-12-02,
-    results/plan.json): GPTQ on bare matrices at 256 and 2048 columns, a plain forward of
-    SmolLM2's blocks, and the passes and statistics of its GPTQ run at 32 x 512."""
+    """Per-block costs on 2 CPU threads, measured by ``benchmarks/plan.py`` (2026-12-07, an
+    Intel Xeon with AVX-512 and AMX; results/plan.json): GPTQ on bare matrices at 256 and 2048
+    columns, a plain forward of SmolLM2's blocks, and the passes and statistics of its GPTQ run
+    at 32 x 512."""
 
-    forward_flops_s: float = 9.5e10  # block forward, FLOP/s
-    statistics_flops_s: float = 1.36e11  # X^T X accumulation, FLOP/s
-    solve_column_s: float = 2.05e-4  # GPTQ: per column of every Linear (the Python loop)
-    solve_flops_s: float = 2.7e10  # GPTQ: the out x in^2 and in^3 products, FLOP/s
-    passes_gptq: float = 2.44  # block forwards per block and token, true-sequential GPTQ
-    passes_fp: float = 3.0  # more of them when a step reads the FP stream (its FP pass in
-    # bfloat16 on a CPU without fast bf16 units: results/passes.md, gptaq-exact 4x GPTQ's)
+    forward_flops_s: float = 3.46e11  # block forward, FLOP/s
+    statistics_flops_s: float = 6.38e11  # X^T X accumulation (counted as the full product)
+    solve_column_s: float = 9.5e-6  # GPTQ: per column of every Linear (the compiled loop)
+    solve_flops_s: float = 1.58e11  # GPTQ: the out x in^2 and in^3 products, FLOP/s
+    passes_gptq: float = 1.59  # block forwards per block and token, true-sequential GPTQ
+    passes_fp: float = 0.44  # more of them when a step reads the FP stream (its FP pass, in
+    # bfloat16 with AMX: results/passes.md, gptaq-exact's forwards 5.9 s against GPTQ's 4.6 s)
     train_passes_per_epoch: float = 3.0  # forward + backward of the block trainer
 
 
@@ -114,7 +116,9 @@ def estimate(shape: ModelShape, run: RunShape, rates: CpuRates = CpuRates()) -> 
     ckpt = checkpoint_bytes(shape, run)
     parts = {"process": PROCESS_BASE, "resident weights": resident} | work
     streams = work["calibration streams"]
+    wide = stream_bytes(shape, run.tokens, run.keep_fp, run.reuse, run.stream_itemsize, wide=True)
     return {
+        "mlp_input_if_room": wide - streams,
         "cpu": {"peak": cpu, "parts": parts},
         "cuda": {
             "peak": gpu + streams,
@@ -234,6 +238,11 @@ def format_plan(p: dict[str, Any]) -> str:
         f"{_duration(sec['rounding'])}"
         + (f", training {_duration(sec['training'])}" if sec["training"] else ""),
     ]
+    if p.get("mlp_input_if_room"):
+        lines.append(
+            f"  where {_gb(p['mlp_input_if_room'])} more fits beside the streams, pass reuse "
+            "keeps down_proj's input and the output pass skips gate/up"
+        )
     if "ranks" in p:
         x = p["ranks"]
         lines += [

@@ -66,4 +66,4 @@ def qgemv() -> Any | None:
 @cache
 def gptq_columns() -> Any | None:
     """``gptq_columns``, or None. Without contraction, so it rounds as the Python loop does."""
-    return _build("compensator_gptq_v1", "gptq.cpp", "GPTQ column kernel", ["-ffp-contract=off"])
+    return _build("compensator_gptq_v2", "gptq.cpp", "GPTQ column kernel", ["-ffp-contract=off"])

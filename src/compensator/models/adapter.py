@@ -19,11 +19,21 @@ from compensator.types import RotationLayout
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "ModelAdapter", "RotationLayout", "get_adapter"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "ModelAdapter", "RotationLayout", "Tail", "get_adapter"]
 
 
 class UnsupportedModelError(CompensatorError):
     """The model has no decoder-block list with nn.Linear layers that we could quantize."""
+
+
+@dataclass(frozen=True)
+class Tail:
+    """A Linear whose output is its parent sublayer's output, so that the parent's output
+    can be had from the Linear's input alone: ``o_proj`` of attention (``pair``: the parent
+    returns (output, attention weights)), ``down_proj`` of an MLP."""
+
+    linear: str
+    pair: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,11 @@ class ArchSpec:
     ``alt_blocks`` are further candidate paths tried after ``blocks`` (multimodal wrappers
     nest the text decoder one level deeper). ``rotation`` is set for the families whose
     blocks a residual rotation keeps exact (pre-norm RMSNorm, no norm after a sublayer).
+    ``tails`` and ``feeds`` let a calibration pass skip work whose result it already has
+    (:mod:`compensator.pipeline.reuse`): ``feeds`` pairs a child of the block with the
+    sublayer that alone reads its output (the norm before attention), so that it need not
+    run while that sublayer's output is handed back. A wrong entry is caught by the
+    reuse-on/off bit-identity test of each family.
     """
 
     name: str
@@ -45,7 +60,8 @@ class ArchSpec:
     groups: tuple[tuple[str, ...], ...]
     alt_blocks: tuple[str, ...] = ()
     rotation: RotationLayout | None = None
-    tails: tuple[str, ...] = ()
+    tails: tuple[Tail, ...] = ()
+    feeds: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -56,14 +72,22 @@ _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _llama_like(name: str, *alt_blocks: str, rotation: bool = False) -> ArchSpec:
+_ATTENTION_TAIL = Tail("self_attn.o_proj", pair=True)
+_MLP_TAIL = Tail("mlp.down_proj")
+_ATTENTION_FED = ("input_layernorm", "self_attn")
+
+
+def _llama_like(
+    name: str, *alt_blocks: str, rotation: bool = False, mlp_norm: str = "post_attention_layernorm"
+) -> ArchSpec:
     return ArchSpec(
         name=name,
         blocks="model.layers",
         groups=_LLAMA_GROUPS,
         alt_blocks=alt_blocks,
         rotation=RotationLayout() if rotation else None,
-        tails=("self_attn.o_proj",),
+        tails=(_ATTENTION_TAIL, _MLP_TAIL),
+        feeds=(_ATTENTION_FED, (mlp_norm, "mlp")),
     )
 
 
@@ -79,7 +103,8 @@ def _moe_like(name: str, mlp: str) -> ArchSpec:
             (f"{experts}.down_proj", f"{mlp}.down_proj*"),
         ),
         rotation=None,
-        tails=("self_attn.o_proj",),
+        tails=(_ATTENTION_TAIL,),
+        feeds=(_ATTENTION_FED,),
     )
 
 
@@ -99,13 +124,15 @@ def _deepseek_v3() -> ArchSpec:
     blocks and routed plus shared experts after; ``*`` marks names only some blocks have."""
     return ArchSpec(
         name="deepseek_v3", blocks="model.layers", groups=_DEEPSEEK_GROUPS,
-        tails=("self_attn.o_proj",),
+        tails=(_ATTENTION_TAIL,), feeds=(_ATTENTION_FED,),
     )  # fmt: skip
 
 
 # Gemma3ForConditionalGeneration keeps its text decoder at model.language_model.layers
 # (transformers 5.x); Gemma3ForCausalLM at model.layers. Either class may carry either config.
 _GEMMA3_ALT = "model.language_model.layers"
+# Gemma 2/3 norm attention's output (post_attention_layernorm) and norm again before the MLP.
+_GEMMA2_MLP_NORM = "pre_feedforward_layernorm"
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # Gemma normalizes with (1 + w) and scales embeddings, Gemma 2/3 also normalize sublayer
@@ -115,9 +142,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _llama_like("qwen2", rotation=True),
     "qwen3": _llama_like("qwen3", rotation=True),
     "gemma": _llama_like("gemma"),
-    "gemma2": _llama_like("gemma2"),
-    "gemma3": _llama_like("gemma3", _GEMMA3_ALT),
-    "gemma3_text": _llama_like("gemma3_text", _GEMMA3_ALT),
+    "gemma2": _llama_like("gemma2", mlp_norm=_GEMMA2_MLP_NORM),
+    "gemma3": _llama_like("gemma3", _GEMMA3_ALT, mlp_norm=_GEMMA2_MLP_NORM),
+    "gemma3_text": _llama_like("gemma3_text", _GEMMA3_ALT, mlp_norm=_GEMMA2_MLP_NORM),
     "phi3": ArchSpec(
         name="phi3",
         blocks="model.layers",
@@ -127,7 +154,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("mlp.gate_up_proj",),
             ("mlp.down_proj",),
         ),
-        tails=("self_attn.o_proj",),
+        tails=(_ATTENTION_TAIL, _MLP_TAIL),
+        feeds=(_ATTENTION_FED, ("post_attention_layernorm", "mlp")),
     ),
     # Sparse blocks, with their fused experts unfused first (compensator.nn.experts); the
     # routers (mlp.gate) are not Linears and stay in full precision. Qwen3-MoE's dense layers
@@ -144,7 +172,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("fc1",),
             ("fc2",),
         ),
-        tails=("self_attn.out_proj",),
+        # Its attention norm comes before or after attention as the config says: not declared.
+        tails=(Tail("self_attn.out_proj", pair=True),),
     ),
 }
 

@@ -15,12 +15,20 @@ from compensator.models.adapter import ModelAdapter
 log = logging.getLogger(__name__)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether no element is NaN or Inf. A sum is finite when its terms are, so one reduction
+    answers (instead of an elementwise mask); only a non-finite sum, which finite terms can
+    also give by summing past float32's 3e38, is checked element by element."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
+
+
 def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
     """Refuse a model with NaN or Inf in any parameter, naming the first such tensor (those
     not read yet, on the meta device, are checked when they are)."""
     for local, p in model.named_parameters():
         name = prefix + local
-        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+        if p.is_floating_point() and not p.is_meta and not all_finite(p):
             bad = int((~torch.isfinite(p)).sum())
             raise CompensatorError(
                 f"{name} holds {bad} NaN/Inf values: the model is damaged (or was saved in a "
@@ -42,7 +50,7 @@ def check_token_ids(ids: torch.Tensor, model: nn.Module, what: str) -> None:
 def check_finite_stream(hidden: list[torch.Tensor], where: str) -> None:
     """Refuse calibration activations with NaN/Inf (they would poison every statistic)."""
     for h in hidden:
-        if not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             raise CompensatorError(
                 f"the calibration activations {where} hold NaN/Inf values (the model overflows "
                 "on this data in this precision); check the model in float32 on the same text"
@@ -52,7 +60,7 @@ def check_finite_stream(hidden: list[torch.Tensor], where: str) -> None:
 def check_finite_stats(values: dict[str, dict[str, torch.Tensor]], prefix: str) -> None:
     """Refuse statistics with NaN/Inf (inputs that overflow), naming the Linear."""
     for name, stats in values.items():
-        bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
+        bad = [k for k, v in stats.items() if not all_finite(v)]
         if bad:
             raise CompensatorError(
                 f"the inputs of {prefix}.{name} overflow on the calibration data ({bad[0]} "

@@ -36,6 +36,7 @@ class Declared:
     reuse_passes: bool = True
     ranks: Ranks = SOLO
     batch_from: str = "--batch-size"  # who set batch_size (a step may need its own)
+    wide_tails: bool = True  # pass reuse may keep a dense MLP's input to down_proj
 
     @classmethod
     def of(

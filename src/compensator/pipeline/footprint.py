@@ -102,14 +102,22 @@ class ModelShape:
 
 
 def stream_bytes(
-    shape: ModelShape, tokens: int, keep_fp: bool, reuse: bool, itemsize: int = 4
+    shape: ModelShape,
+    tokens: int,
+    keep_fp: bool,
+    reuse: bool,
+    itemsize: int = 4,
+    wide: bool = True,
 ) -> int:
     """The activations every calibration token keeps at the peak of a block: the quantized
-    stream and its successor; with pass reuse, two more streams' worth of kept sublayer
-    outputs; with an FP stream, its input and output and the FP input of every distinct
-    Linear input (experts': the routed tokens' rows)."""
+    stream and its successor; with pass reuse, the kept attention output and a tail's input
+    (o_proj's, or with ``wide`` a dense MLP's down_proj input, of intermediate width); with an
+    FP stream, its input and output and the FP input of every distinct Linear input (experts':
+    the routed tokens' rows)."""
     d = shape.hidden
-    widths = 2 * d + (2 * d if reuse else 0)
+    widths = 2 * d
+    if reuse:
+        widths += d + (max(d, shape.intermediate) if wide and not shape.experts else d)
     if keep_fp:
         groups = shape.groups(shape.widest_block())
         widths += 2 * d + sum(i * (shape.experts_per_token if n > 1 else 1) for (i, _), n in groups)
@@ -153,8 +161,9 @@ def working_set(shape: ModelShape, run: RunShape) -> dict[str, int]:
         "block weights": shape.block_params(moe) * wb,
         "dense copies of quantized layers": linear * 4,
         "packed codes": int(linear * run.bits_per_weight / 8),
+        # What the run needs; pass reuse keeps down_proj's input beside it only where it fits.
         "calibration streams": stream_bytes(
-            shape, run.tokens, run.keep_fp, run.reuse, run.stream_itemsize
+            shape, run.tokens, run.keep_fp, run.reuse, run.stream_itemsize, wide=False
         ),
         "statistics": stats,
         "solver workspace": solver,

@@ -93,7 +93,7 @@ def run_pipeline(
         input_ids, plan.batch_size = ranks.shard(input_ids, plan.batch_size, plan.batch_from)
     if offload_dir is None and state is not None:
         offload_dir = state.directory
-    storage = storage_for(
+    storage, plan.wide_tails = storage_for(
         model, input_ids, plan.keep_fp, plan.reuse_passes, device, streams, offload_dir
     )
     try:
@@ -305,11 +305,13 @@ def _quantize_block(
         for key, value in ctx.report.items():
             report.per_block.setdefault(key, []).append(value)
     splitter = next((s for s in recipe.steps if s.splits_input()), None)
-    reuse = (
-        PassReuse(block, [n for g in groups for n, _ in g], adapter.arch.tails, storage)
-        if plan.reuse_passes
-        else None
-    )
+    reuse = None
+    if plan.reuse_passes:
+        names = [n for g in groups for n, _ in g]
+        arch = adapter.arch
+        reuse = PassReuse(
+            block, names, arch.tails, storage, arch.feeds, plan.wide_tails, not adapter.is_generic
+        )
     for group in groups:
         stats = None
         if plan.needs_data:

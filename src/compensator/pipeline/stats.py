@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from compensator.linalg import add_gram_upper_, symmetric_from_upper
 from compensator.parallel import Ranks
 from compensator.quant.act import ActSpec, quantize_activations
 from compensator.types import LinearStats
@@ -73,12 +74,23 @@ class _GramMean(Statistic):
 
 
 class Hessian(_GramMean):
-    """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2."""
+    """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2.
+
+    A ``symmetric`` statistic sums only its upper block triangle; the result mirrors it."""
+
+    symmetric: ClassVar[bool] = True
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(self.left(x).T, self.right(x))
+        if self.symmetric:
+            add_gram_upper_(self.sum, x)
+        else:
+            self.sum.addmm_(self.left(x).T, self.right(x))
         self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        total = symmetric_from_upper(self.sum) if self.symmetric else self.sum
+        return total / max(self.tokens, 1)
 
     def left(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -166,15 +178,14 @@ class ActHessian(Hessian):
     uses_basis = True
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
-        a = self.quantized(x.reshape(-1, x.shape[-1]).float())  # once, not per side
-        self.sum.addmm_(a.T, a)
-        self.tokens += a.shape[0]
+        super().update(self.quantized(x.reshape(-1, x.shape[-1]).float()), x_fp)
 
 
 class ActCross(Hessian):
     """S_xa = mean of x a^T: the unquantized input against the quantized one (LRC)."""
 
     uses_basis = True
+    symmetric = False
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized(x)

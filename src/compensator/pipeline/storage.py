@@ -149,14 +149,27 @@ def storage_for(
     device: torch.device,
     where: StreamsAt,
     offload_dir: str | Path | None,
-) -> Storage:
+) -> tuple[Storage, bool]:
     """The storage for a run's streams, sized from the model's config
-    (:func:`compensator.pipeline.footprint.stream_bytes`)."""
+    (:func:`compensator.pipeline.footprint.stream_bytes`), and whether it also has room for
+    pass reuse's wide tail inputs (a dense MLP's intermediate activations). Where the streams
+    rest comes first: the wide inputs are kept only where the streams fit with them too."""
     config = getattr(model, "config", None)
     if input_ids is None or config is None:
-        return Storage(torch.device("cpu") if where in ("auto", "cpu") else device)
+        return Storage(torch.device("cpu") if where in ("auto", "cpu") else device), reuse
     floats = [p for p in model.parameters() if p.is_floating_point()]
     itemsize = floats[0].element_size() if floats else 4
     shape = ModelShape.from_config(config.to_dict())
-    need = stream_bytes(shape, input_ids.numel(), keep_fp, reuse, itemsize)
-    return choose_storage(where, device, need, offload_dir)
+    need = stream_bytes(shape, input_ids.numel(), keep_fp, reuse, itemsize, wide=False)
+    storage = choose_storage(where, device, need, offload_dir)
+    if not reuse:
+        return storage, False
+    wide = stream_bytes(shape, input_ids.numel(), keep_fp, reuse, itemsize, wide=True)
+    room = wide <= FREE_SHARE * free_memory(storage.device) or storage.kind == "disk"
+    if not room:
+        log.info(
+            "pass reuse recomputes the MLP's input to down_proj: keeping it (~%.2f GB more) "
+            "does not fit beside the streams on %s",
+            (wide - need) / 1e9, storage.kind,
+        )  # fmt: skip
+    return storage, room

@@ -132,6 +132,12 @@ class BatchReuse(Protocol):
 
     def batch(self, b: int, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
 
+    def captured(self, names: Collection[str]) -> contextlib.AbstractContextManager[None]: ...
+
+    def one_input(self, names: list[str]) -> bool: ...
+
+    def record_inputs(self, names: list[str], seen: dict[str, torch.Tensor]) -> None: ...
+
 
 def _batch(reuse: BatchReuse | None, b: int, device: torch.device) -> Any:
     return contextlib.nullcontext() if reuse is None else reuse.batch(b, device)
@@ -165,18 +171,23 @@ def capture_linear_inputs(
 ) -> dict[str, torch.Tensor]:
     """Inputs of the named Linears for one batch (after a Linear's online rotation, what its
     weight multiplies); the forward stops once all were seen. ``routed`` Linears (experts)
-    may receive no token in a batch and are then absent."""
+    may receive no token in a batch and are then absent. Where an earlier batch showed that
+    all of them read one tensor (``reuse``), the forward stops at the first."""
     seen: dict[str, torch.Tensor] = {}
+    one = reuse is not None and not routed and reuse.one_input(names)
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple) -> None:
             seen[name] = rotate_input(m, args[0])
+            if one:
+                seen.update(dict.fromkeys(names, seen[name]))
             if len(seen) == len(names):
                 raise StopForward
 
         return hook
 
-    with _batch(reuse, b, device):
+    captured = contextlib.nullcontext() if reuse is None else reuse.captured(names)
+    with _batch(reuse, b, device), captured:
         handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
         try:
             block(hidden.to(device), **to_device(kwargs, device))
@@ -188,4 +199,6 @@ def capture_linear_inputs(
     missing = set(names) - seen.keys() - set(routed)
     if missing:
         raise RuntimeError(f"Linear layers {sorted(missing)} were not called by the block forward")
+    if reuse is not None and not routed:
+        reuse.record_inputs(names, seen)
     return seen
