@@ -104,11 +104,18 @@ def test_reuse_is_bit_identical_per_family(family: str) -> None:
 def test_reuse_is_bit_identical_per_recipe(recipe: str) -> None:
     model = FAMILIES["llama"][0]()
     ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(1))
-    on, out_on, _ = _quantized(model, recipe, ids, True)
-    off, out_off, _ = _quantized(model, recipe, ids, False)
+    on, out_on, calls_on = _quantized(model, recipe, ids, True)
+    off, out_off, calls_off = _quantized(model, recipe, ids, False)
     for name in on:
         assert torch.equal(on[name], off[name]), (recipe, name)
     assert torch.equal(out_on[-1], out_off[-1])
+    if recipe.endswith("-split"):
+        # Two statistics passes per group (the split bases come from the first's Hessians):
+        # recomputed, 9 per block and batch; with reuse the second over o_proj and over
+        # down_proj read their kept inputs, so attention and the MLP are entered 3 times.
+        runs = 2 * 2
+        assert calls_off["self_attn"] == 9 * runs
+        assert calls_on["self_attn"] == 3 * runs and calls_on["mlp"] == 3 * runs, calls_on
 
 
 def test_no_room_for_the_mlp_input_recomputes_it(monkeypatch: pytest.MonkeyPatch) -> None:

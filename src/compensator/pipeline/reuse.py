@@ -28,6 +28,10 @@ Where the first batch shows that a group's Linears all read one tensor (q/k/v, g
 batches stop the pass at the first of them: the pass for gate/up does not run gate's
 activation either.
 
+A second statistics pass over a tail's group (LRC's split input takes one: its bases come
+from the first pass's Hessians) reads the tail's input kept by the first instead of running
+the block again: no second attention for o_proj, no second gate/up for down_proj.
+
 A *wide* tail (whose input is wider than its output: down_proj's, the MLP's intermediate
 width) is kept only when the run's storage has room for it (``wide``), since for a moment it
 holds the intermediate activations of every calibration token.
@@ -47,6 +51,7 @@ import torch
 from torch import nn
 
 from compensator.models.adapter import Tail
+from compensator.nn.rotated import rotate_input
 from compensator.pipeline.storage import Storage
 from compensator.pipeline.streams import to_device
 
@@ -178,6 +183,18 @@ class PassReuse:
             yield
         finally:
             _put_back(swapped)
+
+    def known_inputs(
+        self, names: list[str], b: int, device: torch.device
+    ) -> dict[str, torch.Tensor] | None:
+        """The inputs of ``names`` for batch ``b`` without a forward, where they are a tail's
+        input kept by an earlier pass over the same group (a second statistics pass, as LRC's
+        split input takes), else None."""
+        for sub in self.sublayers:
+            if sub.tail is not None and names == [sub.tail.linear] and b in sub.tail_inputs:
+                linear = self.block.get_submodule(sub.tail.linear)
+                return {names[0]: rotate_input(linear, sub.tail_inputs[b].to(device))}
+        return None
 
     def one_input(self, names: list[str]) -> bool:
         """Whether an earlier batch showed the named Linears reading one tensor."""

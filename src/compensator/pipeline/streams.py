@@ -134,6 +134,10 @@ class BatchReuse(Protocol):
 
     def captured(self, names: Collection[str]) -> contextlib.AbstractContextManager[None]: ...
 
+    def known_inputs(
+        self, names: list[str], b: int, device: torch.device
+    ) -> dict[str, torch.Tensor] | None: ...
+
     def one_input(self, names: list[str]) -> bool: ...
 
     def record_inputs(self, names: list[str], seen: dict[str, torch.Tensor]) -> None: ...
@@ -173,6 +177,10 @@ def capture_linear_inputs(
     weight multiplies); the forward stops once all were seen. ``routed`` Linears (experts)
     may receive no token in a batch and are then absent. Where an earlier batch showed that
     all of them read one tensor (``reuse``), the forward stops at the first."""
+    if reuse is not None and not routed:
+        known = reuse.known_inputs(names, b, device)
+        if known is not None:
+            return known
     seen: dict[str, torch.Tensor] = {}
     one = reuse is not None and not routed and reuse.one_input(names)
 
