@@ -101,3 +101,22 @@ def test_inverse_cholesky_upper_factors_the_inverse(d: int) -> None:
     assert torch.allclose(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
     u32 = inverse_cholesky_upper(h.float())
     assert torch.allclose(u32.double(), u, rtol=1e-3, atol=1e-4 * u.abs().max().item())
+
+
+def test_inverse_factor_beyond_float32_asks_for_damping(caplog: pytest.LogCaptureFixture) -> None:
+    """A float32 Hessian of condition 1e8 still factors, but U^T U is then far from its
+    inverse (2.0 off the identity, measured): the probe rejects it and damping is added, as the
+    former double factorization did; at 1e6 nothing is added."""
+    from compensator.rounders.gptq import inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(0)
+    d = 256
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    for cond, damped in ((1e6, False), (1e8, True)):
+        ev = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=torch.float64)
+        h = ((q * ev) @ q.T).float()
+        caplog.clear()
+        u = inverse_cholesky_upper(h).double()
+        assert ("extra damping" in caplog.text) == damped, cond
+        off = (u.T @ u @ h.double() - torch.eye(d, dtype=torch.float64)).abs().max().item()
+        assert off < (1.0 if damped else 0.05), (cond, off)

@@ -57,10 +57,12 @@ SPECS = {
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", list(SPECS))
+# Rows are taken 32 at a time: fewer than one tile, and two full tiles plus a partial one.
+@pytest.mark.parametrize("rows", [24, 70])
 def test_compiled_loop_equals_python_loop(
-    monkeypatch: pytest.MonkeyPatch, name: str, act_order: bool
+    monkeypatch: pytest.MonkeyPatch, name: str, act_order: bool, rows: int
 ) -> None:
-    w, h, _ = _problem(24, 256, seed=len(name))
+    w, h, _ = _problem(rows, 256, seed=len(name))
     spec = SPECS[name]
     # block_size 48: groups straddle blocks, and act-order fits them mid-run.
     got, ref = _both(

@@ -133,3 +133,25 @@ def test_no_room_for_the_mlp_input_recomputes_it(monkeypatch: pytest.MonkeyPatch
     assert calls_on["self_attn"] == 2 * runs
     for name in on:
         assert torch.equal(on[name], wide[name]), name
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("windows", [6, 1])
+def test_reuse_is_bit_identical_on_experts(family: str, windows: int) -> None:
+    """The sparse families' declarations (attention's tail and norm; experts captured as
+    zeros, some starved and calibrated on every token with one window) keep the bits."""
+    from compensator.nn.experts import unfuse_experts
+    from test_moe import deepseek_v3, mixtral, qwen3_moe
+
+    model = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "deepseek_v3": deepseek_v3}[family]()
+    unfuse_experts(model)
+    assert not get_adapter(model).is_generic
+    ids = torch.randint(3, 120, (windows, 16), generator=torch.Generator().manual_seed(0))
+    on, out_on, calls_on = _quantized(model, "gptq", ids, True, group_size=16)
+    off, out_off, _ = _quantized(model, "gptq", ids, False, group_size=16)
+    assert on.keys() == off.keys()
+    for name in on:
+        assert torch.equal(on[name], off[name]), name
+    assert torch.equal(out_on[-1], out_off[-1])
+    blocks = len(get_adapter(model).blocks(model))
+    assert calls_on["input_layernorm"] == blocks * ((windows + 1) // 2)  # once a block and batch

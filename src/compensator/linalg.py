@@ -21,21 +21,23 @@ def damped_cholesky(
     *,
     floor: float = 1e-6,
     limit: float = 1.0,
-    then: Callable[[torch.Tensor], T | None] | None = None,
+    then: Callable[[torch.Tensor, torch.Tensor], T | None] | None = None,
 ) -> tuple[T | torch.Tensor, float]:
     """Lower Cholesky factor of ``gram + lam * mean(diag) * I``, trying lam = ``damp``, then
     max(10 lam, ``floor``), ... up to ``limit``; returns (factor, lam used).
 
-    ``then`` maps a successful factor to the caller's result (e.g. the factor of the inverse)
-    or None when that in turn fails, which counts as a failure of this lam.
+    ``then`` maps a successful factor (and the damped matrix it factors) to the caller's
+    result (e.g. the factor of the inverse) or None when that in turn fails, which counts as
+    a failure of this lam.
     """
     mean_diag = gram.diagonal().mean().clamp(min=1e-30)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     lam = damp
     while True:
-        chol, info = torch.linalg.cholesky_ex(gram + lam * mean_diag * eye if lam else gram)
+        damped = gram + lam * mean_diag * eye if lam else gram
+        chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            out = chol if then is None else then(chol)
+            out = chol if then is None else then(chol, damped)
             if out is not None:
                 return out, lam
         lam = max(lam * 10, floor)

@@ -111,13 +111,13 @@ def stream_bytes(
 ) -> int:
     """The activations every calibration token keeps at the peak of a block: the quantized
     stream and its successor; with pass reuse, the kept attention output and a tail's input
-    (o_proj's, or with ``wide`` a dense MLP's down_proj input, of intermediate width); with an
-    FP stream, its input and output and the FP input of every distinct Linear input (experts':
-    the routed tokens' rows)."""
-    d = shape.hidden
+    (o_proj's, heads x head_dim wide, or with ``wide`` a dense MLP's down_proj input, of
+    intermediate width); with an FP stream, its input and output and the FP input of every
+    distinct Linear input (experts': the routed tokens' rows)."""
+    d, q = shape.hidden, shape.heads * shape.head_dim
     widths = 2 * d
     if reuse:
-        widths += d + (max(d, shape.intermediate) if wide and not shape.experts else d)
+        widths += d + max(q, shape.intermediate if wide and not shape.experts else d)
     if keep_fp:
         groups = shape.groups(shape.widest_block())
         widths += 2 * d + sum(i * (shape.experts_per_token if n > 1 else 1) for (i, _), n in groups)

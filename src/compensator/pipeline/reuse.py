@@ -32,9 +32,9 @@ A second statistics pass over a tail's group (LRC's split input takes one: its b
 from the first pass's Hessians) reads the tail's input kept by the first instead of running
 the block again: no second attention for o_proj, no second gate/up for down_proj.
 
-A *wide* tail (whose input is wider than its output: down_proj's, the MLP's intermediate
-width) is kept only when the run's storage has room for it (``wide``), since for a moment it
-holds the intermediate activations of every calibration token.
+An MLP's tail (down_proj, whose input has the intermediate width) is kept only when the
+run's storage has room for it (``wide``), since for a moment it holds the intermediate
+activations of every calibration token; attention's (o_proj's input, heads x head_dim) always.
 
 Everything handed back is the very tensor an uncached pass would have computed (the same
 operations on the same inputs), so results are bit-identical with or without reuse.
@@ -106,10 +106,8 @@ class PassReuse:
             if not inside or isinstance(module, nn.Linear):
                 continue
             tail = next((t for t in tails if t.linear in inside), None)
-            if tail is not None and not wide:
-                linear = block.get_submodule(tail.linear)
-                if linear.in_features > linear.out_features:
-                    tail = None
+            if tail is not None and not wide and not tail.pair:
+                tail = None
             self.sublayers.append(_Sublayer(child, inside, tail, fed_by.get(child)))
 
     def mark_solved(self, names: Iterable[str]) -> None:
