@@ -76,14 +76,16 @@ class _GramMean(Statistic):
 class Hessian(_GramMean):
     """H = mean over tokens of x x^T (d_in x d_in), the GPTQ proxy Hessian up to a factor 2.
 
-    A ``symmetric`` statistic sums only its upper block triangle; the result mirrors it."""
+    A ``symmetric`` statistic sums only its upper block triangle (of ``left(x)``, which must
+    then equal ``right(x)``); the result mirrors it. A subclass whose sides differ sets
+    ``symmetric = False``."""
 
     symmetric: ClassVar[bool] = True
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.symmetric:
-            add_gram_upper_(self.sum, x)
+            add_gram_upper_(self.sum, self.left(x))
         else:
             self.sum.addmm_(self.left(x).T, self.right(x))
         self.tokens += x.shape[0]

@@ -177,12 +177,14 @@ def capture_linear_inputs(
     weight multiplies); the forward stops once all were seen. ``routed`` Linears (experts)
     may receive no token in a batch and are then absent. Where an earlier batch showed that
     all of them read one tensor (``reuse``), the forward stops at the first."""
-    if reuse is not None and not routed:
-        known = reuse.known_inputs(names, b, device)
+    # What the group read in earlier passes or batches (experts' tokens vary by batch: not theirs).
+    known_from = None if routed else reuse
+    if known_from is not None:
+        known = known_from.known_inputs(names, b, device)
         if known is not None:
             return known
     seen: dict[str, torch.Tensor] = {}
-    one = reuse is not None and not routed and reuse.one_input(names)
+    one = known_from is not None and known_from.one_input(names)
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple) -> None:
@@ -207,6 +209,6 @@ def capture_linear_inputs(
     missing = set(names) - seen.keys() - set(routed)
     if missing:
         raise RuntimeError(f"Linear layers {sorted(missing)} were not called by the block forward")
-    if reuse is not None and not routed:
-        reuse.record_inputs(names, seen)
+    if known_from is not None:
+        known_from.record_inputs(names, seen)
     return seen
