@@ -291,7 +291,8 @@ def test_eval_incomplete_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
-    assert_user_error(invoke("eval", broken, "--no-progress"), str(broken), "model.safetensors")
+    # format 3: without its manifest the checkpoint is incomplete, whatever else is missing
+    assert_user_error(invoke("eval", broken, "--no-progress"), str(broken), "has no manifest.json")
 
 
 def test_eval_missing_path(tmp_path: Path) -> None:

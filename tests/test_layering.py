@@ -37,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": LEAF,
     "evaluate": LEAF,
     "tasks": LEAF,
+    "tune": LEAF | {"quant", "nn", "models", "pipeline", "io", "data"},
 }
 FACE = {
     "__init__",
@@ -44,6 +45,8 @@ FACE = {
     "api",
     "cli",
     "cli_compare",
+    "cli_finetune",
+    "api_tune",
     "cli_options",
     "demo",
     "plan",

@@ -129,7 +129,7 @@ def test_force_never_replaces_what_is_not_an_output(
     before = sorted(p.name for p in Path(out or ".").resolve().iterdir())
     result = invoke(*quantize_args(tiny_dir, out, "--force", recipe="rtn"))
     why = {"empty": "--out is empty", "cwd": "working directory", "parent": "one of its parents",
-           "model": "holds the source model", "other": "is not a checkpoint or export"}[which]  # fmt: skip
+           "model": "is the source", "other": "is not a checkpoint or export"}[which]  # fmt: skip
     assert_user_error(result, why)
     assert sorted(p.name for p in Path(out or ".").resolve().iterdir()) == before
     assert (work / "notes" / "keep.txt").read_text() == "mine"
@@ -165,7 +165,11 @@ def test_a_damaged_checkpoint_is_refused_before_any_number(
         state = load_file(weights)
         del state["model.embed_tokens.weight"]
         save_file(state, weights)
-        (out / "manifest.json").unlink()  # as if written before manifests: the loader checks
+        # As in a format-2 checkpoint, which had no manifest: the loader checks the tensors.
+        (out / "manifest.json").unlink()
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"]["format_version"] = 2
+        (out / "config.json").write_text(json.dumps(config))
         why = "missing ['model.embed_tokens.weight']"
     for args in (["eval", str(out), "--windows", "1", "--json"],
                  ["export", str(out), "--format", "compressed-tensors", "--out",

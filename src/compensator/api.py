@@ -17,6 +17,7 @@ from compensator.data import load_calibration_windows, load_eval_windows, resolv
 from compensator.errors import CompensatorError
 from compensator.evaluate import EvalResult
 from compensator.evaluate import evaluate as evaluate_windows
+from compensator.io.atomic import check_out, check_out_file
 from compensator.io.formats import ExportSource, get_format
 from compensator.io.formats import export as export_source
 from compensator.io.native import (
@@ -28,10 +29,11 @@ from compensator.io.native import (
 )
 from compensator.io.targets import load_target, recorded_base
 from compensator.models.adapter import ModelAdapter, get_adapter
+from compensator.models.arguments import check_arguments
 from compensator.models.checks import (
     check_calibration_size,
-    check_group_size,
     check_no_fused_weights,
+    check_reference,
     check_scheme_fits,
     check_seqlen,
     check_token_ids,
@@ -138,11 +140,11 @@ def quantize(
     config's; default float32 for files, an object's own); statistics and rounding stay
     float32. All: docs/big-models.md. Under torchrun (``ranks``: by default the
     torch.distributed group this process is in) the run is data-parallel: docs/distributed.md."""
+    check_arguments(locals())  # types and ranges (group size too), before any reading
     rec = load_recipe(recipe).with_overrides(
         bits=bits, group_size=group_size, symmetric=symmetric, epochs=epochs, kquant=kquant,
         float_min=float_min, rank=rank, act_bits=act_bits, seed=seed,
     )  # fmt: skip
-    check_group_size(group_size)
     if rec.needs_data() and not isinstance(calibration, torch.Tensor):
         check_calibration_size(calib_windows, seqlen)
     dev, ranks = resolve_device(device), ranks or current()
@@ -278,6 +280,7 @@ def save(
     """Write ``qmodel`` to ``out`` as a native checkpoint, or in another registered format
     (``compressed-tensors``, ``gguf``; see compensator.io) with that format's ``options``.
     In a data-parallel run only the main rank writes; the others return ``out`` at once."""
+    check_arguments(locals())
     if not qmodel.ranks.main:
         return Path(out)
     on_disk = has_meta_tensors(qmodel.model)
@@ -307,13 +310,17 @@ def export(
     checkpoint: str | Path, out: str | Path, *, format: str, force: bool = False, **options: Any
 ) -> Path:
     """Convert a saved checkpoint to another format (see :func:`save`)."""
+    check_arguments(locals())
     fmt = get_format(format, **options)  # bad options fail before loading anything
+    (check_out_file if fmt.path_is_file else check_out)(out, force, (checkpoint,))
     model, tokenizer, _ = load_target(checkpoint, require_checkpoint=True)
     config = read_quantization_config(checkpoint)["quantization_config"]
-    return export_source(ExportSource(model, config, tokenizer), out, fmt, force=force)
+    source = ExportSource(model, config, tokenizer)
+    return export_source(source, out, fmt, force=force, protect=(checkpoint,))
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    check_arguments(locals())
     return load_checkpoint(path, device=device)
 
 
@@ -340,6 +347,7 @@ def evaluate(
     "a,b") adds lm-eval's metrics per task (``include_path``: local task YAMLs; ``limit``:
     documents per task): :mod:`compensator.tasks`.
     """
+    check_arguments(locals())
     if windows is not None and windows < 1:
         raise CompensatorError(f"--windows {windows} is not valid: use a positive count")
     if seqlen < 2:
@@ -372,6 +380,8 @@ def evaluate(
         fp_model = load_model(str(fp), trust_remote_code=trust_remote_code).model
     elif fp is None and qc is not None and qc.get("base_model"):
         fp_model = recorded_base(qc["base_model"], qc.get("base_model_fingerprint"))
+    if fp_model is not None:
+        check_reference(model, fp_model, fp if fp is not None else (qc or {}).get("base_model"))
     check_seqlen(seqlen, model)
     ids = load_eval_windows(tokenizer, data, seqlen, windows)
     check_token_ids(ids, model, "evaluation text")

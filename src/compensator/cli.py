@@ -16,9 +16,11 @@ import click
 
 from compensator import __version__
 from compensator.cli_compare import compare_cmd
+from compensator.cli_finetune import finetune_cmd
 from compensator.cli_options import (
     KQUANT_CHOICES,
     friendly,
+    interrupt_on_sigterm,
     no_progress_bars,
     scheme_options,
     setup_logging,
@@ -43,6 +45,7 @@ def main(verbose: int, quiet: bool, threads: int | None) -> None:
     if follower:
         no_progress_bars()
     fix_mmap_threshold()  # freed tensors go back to the system: docs/big-models.md
+    interrupt_on_sigterm(click.get_current_context())
     if threads:
         import torch
 
@@ -349,6 +352,7 @@ def demo(
 
 
 main.add_command(compare_cmd)
+main.add_command(finetune_cmd)
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,21 @@ def no_progress_bars() -> None:
 
     hf_logging.disable_progress_bar()
     os.environ["TQDM_DISABLE"] = "1"
+
+
+def interrupt_on_sigterm(ctx: click.Context) -> None:
+    """Make SIGTERM (kill, a scheduler stopping the job) end a command as Ctrl-C does: one
+    line saying where the kept blocks are, a save in progress removed. Its default action
+    ends the process at once and says nothing. The previous handler is back when the
+    command ends (the CLI may run inside another program, such as a test)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -103,7 +103,12 @@ def _load_source(source: str, purpose: Purpose) -> tuple[str, str]:
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES:
         return read_text_file(path), f"file {path}"
-    raise CompensatorError(f"unknown data source {source!r}: use {ACCEPTED_FORMS}")
+    known = f"data source {source} is {_what_is(path)}, not a text file" if path.exists() else ""
+    raise CompensatorError(f"{known or f'unknown data source {source!r}'}: use {ACCEPTED_FORMS}")
+
+
+def _what_is(path: Path) -> str:
+    return "a directory" if path.is_dir() else "a file" if path.is_file() else "a device or pipe"
 
 
 def _data_dir_value() -> str | None:
@@ -136,8 +141,9 @@ def read_text_file(path: Path) -> str:
     Plain files are read in text mode, so CRLF line ends (wiki.test.raw has them) become "\\n",
     as with any ``open(path).read()`` elsewhere in the Python tooling we compare against.
     """
-    if not path.is_file():
-        raise CompensatorError(f"data file {path} does not exist: check the path")
+    if not path.is_file():  # a device like /dev/urandom would be read forever
+        what = f"is {_what_is(path)}, not a text file" if path.exists() else "does not exist"
+        raise CompensatorError(f"data file {path} {what}: check the path")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -342,6 +348,12 @@ def calibration_windows(
     """``n`` random ``[seqlen]`` windows (``[n, seqlen]``), reproducible from ``seed``."""
     _check_tokens(tokens)
     offsets = calibration_offsets(tokens.numel(), n, seqlen, seed)
+    if n * seqlen > tokens.numel():  # legal, but the time buys no new data
+        logger.warning(
+            "%d calibration windows of %d tokens read %d tokens from a text of %d: windows "
+            "overlap and repeat; at most %d windows would see each token about once",
+            n, seqlen, n * seqlen, tokens.numel(), max(1, tokens.numel() // seqlen),
+        )  # fmt: skip
     return torch.stack([tokens[start : start + seqlen] for start in offsets]).clone()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compensator.errors import CompensatorError
+from compensator.models.checks import check_calibration_size, check_seqlen_within
 from compensator.models.dtypes import config_dtype, dtype_name, parse_dtype
 from compensator.pipeline.exchange import exchange
 from compensator.pipeline.footprint import (
@@ -182,7 +183,11 @@ def plan(
     assumed) in ``dtype`` (as ``quantize --dtype``; its time is float32's). Over ``ranks``
     data-parallel ranks: each rank's memory (it holds its share of the windows) and what the
     ranks exchange per block (:func:`exchange`)."""
+    if recipe.needs_data():  # what quantize refuses, plan refuses
+        check_calibration_size(windows, seqlen)
     config, lazy = read_config(model)
+    if recipe.needs_data():
+        check_seqlen_within(seqlen, config.get("max_position_embeddings"))
     work = parse_dtype(dtype) or config_dtype(config)
     try:
         shape = ModelShape.from_config(config)

@@ -55,10 +55,16 @@ def compare(
 ) -> dict[str, Any]:
     """Run the grid (finished cells are reused), write the three report files into ``out``
     and return the report's JSON."""
-    from compensator.compare.plot import frontier
+    from compensator.compare.plot import check_matplotlib, frontier
     from compensator.compare.run import run_compare
     from compensator.tasks import check_tasks, task_manager
 
+    check_matplotlib()  # before hours of cells, not after
+    recipes, bits, seeds = (
+        _unique(recipes, "recipes"),
+        _unique(bits, "bits"),
+        _unique(seeds, "seeds"),
+    )
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise CompensatorError(f"--out {out} is a file; name a directory for the report")
@@ -82,6 +88,16 @@ def compare(
     frontier(summary, fp, out / "frontier.png", measure=measure, title=Path(settings.model).name)
     log.info("report of %d cells written to %s in %.1fs", len(rows), out, time.perf_counter() - t0)
     return report
+
+
+def _unique(values: list[Any], what: str) -> list[Any]:
+    """``values`` without repeats: a repeated recipe, width or seed would run the same cell
+    again and count its copies as separate runs in the mean and the spread."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        log.warning("--%s lists %s more than once; each runs once", what,
+                    ", ".join(str(v) for v in unique if values.count(v) > 1))  # fmt: skip
+    return unique
 
 
 def _protocol(settings: Settings, fp: dict[str, Any], threads: int) -> str:

@@ -15,6 +15,17 @@ from compensator.errors import CompensatorError
 _LABEL = {"ppl": "perplexity", "kl": "KL(FP || quantized)"}
 
 
+def check_matplotlib() -> None:
+    """Refuse, before any cell runs, a report whose plot could not be drawn."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        raise CompensatorError(
+            "frontier.png needs matplotlib: pip install 'compensator[report]'"
+        ) from None
+
+
 def frontier(
     summary: Sequence[dict[str, Any]],
     fp: dict[str, Any],
@@ -24,13 +35,10 @@ def frontier(
     title: str = "",
 ) -> Path:
     """Write the plot to ``path``; the y axis is logarithmic when values span over 10x."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise CompensatorError(
-            "frontier.png needs matplotlib: pip install 'compensator[report]'"
-        ) from None
+    check_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

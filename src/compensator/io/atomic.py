@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -14,29 +13,21 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from compensator.errors import CompensatorError, write_failure
+from compensator.io.manifest import MANIFEST, listed_files, unlisted_entries
 
 log = logging.getLogger(__name__)
 
-# What ``--force`` may replace: an output of ours (these quant methods in config.json).
-REPLACEABLE = ("compensator", "compressed-tensors")
-
-
-def _is_output(path: Path) -> bool:
-    try:
-        config = json.loads((path / "config.json").read_text())
-        return (config.get("quantization_config") or {}).get("quant_method") in REPLACEABLE
-    except (OSError, ValueError, AttributeError):
-        return False
-
 
 def check_out(out: str | Path, force: bool, protect: tuple[str | Path, ...] = ()) -> None:
-    """Refuse an output path that would lose data: an existing non-empty one without
-    ``force``; with it, anything but an empty folder or an earlier output of ours, the
-    working directory or one of its parents, and the ``protect``-ed paths (the source
-    model)."""
+    """Refuse an output path that would lose data: one equal to, inside or holding a
+    ``protect``-ed path (the source model or checkpoint); an existing non-empty one without
+    ``force``; with it, anything but an empty folder or a folder whose every file its own
+    manifest lists (an earlier output of ours), and the working directory or its parents."""
     if not str(out).strip():
         raise CompensatorError("--out is empty; name the output directory")
     out = Path(out)
+    check_name_length(out)
+    check_not_source(out, protect)
     if out.exists() and not out.is_dir():
         raise CompensatorError(f"--out {out} exists and is not a directory; choose another path")
     if not (out.is_dir() and any(out.iterdir())):
@@ -49,13 +40,68 @@ def check_out(out: str | Path, force: bool, protect: tuple[str | Path, ...] = ()
             f"--out {out} is the working directory or one of its parents; --force will not "
             "replace it: choose a new path"
         )
+    check_replaceable(out)
+
+
+# What our names add to --out's last component: ``.<name>.partial-<pid>-<ns>`` siblings.
+_SIBLING_EXTRA = 40
+
+
+def check_name_length(out: Path) -> None:
+    """Refuse a path with a component longer than the file system allows (the last one
+    with room for the hidden siblings we write beside it), which would otherwise fail half
+    way with ENAMETOOLONG."""
+    parts = out.absolute().parts
+    for i, part in enumerate(parts[1:], start=1):
+        limit = _name_max(Path(*parts[:i])) - (_SIBLING_EXTRA if i == len(parts) - 1 else 0)
+        if len(part) > limit:
+            raise CompensatorError(
+                f"--out has a name of {len(part)} characters ({part[:24]}...); this file "
+                f"system allows {limit} there: use a shorter name"
+            )
+
+
+def _name_max(directory: Path) -> int:
+    while not directory.exists():
+        directory = directory.parent
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_not_source(out: Path, protect: tuple[str | Path, ...]) -> None:
+    """Refuse ``out`` equal to, inside or holding a source: writing there would replace or
+    change the very files being read."""
+    res = out.resolve()
     for p in protect:
-        if Path(p).exists() and (res == Path(p).resolve() or res in Path(p).resolve().parents):
-            raise CompensatorError(f"--out {out} holds the source model {p}; choose another path")
-    if not _is_output(res):
+        if not p or not Path(p).exists():
+            continue  # a built-in name or hub id: nothing on disk to protect
+        src = Path(p).resolve()
+        where = "is" if res == src else "holds" if res in src.parents else "lies inside"
+        if res == src or res in src.parents or src in res.parents:
+            raise CompensatorError(f"--out {out} {where} the source {p}; choose a path outside it")
+
+
+def check_replaceable(out: Path) -> None:
+    """``--force`` replaces only what this tool wrote: a folder whose every file (and
+    folder) its manifest lists. Anything else there may be the user's, so nothing is
+    touched."""
+    listed = listed_files(out)
+    if listed is None:
         raise CompensatorError(
-            f"--out {out} is not a checkpoint or export (no compensator or compressed-tensors "
-            "config.json); --force replaces only those: choose another path"
+            f"--out {out} is not a checkpoint or export (it has no {MANIFEST}); --force "
+            "replaces only those: choose another path"
+        )
+    unknown = unlisted_entries(out, listed)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise CompensatorError(
+            f"--out {out} holds files this tool did not write ({shown}); --force replaces "
+            "only a folder whose every file its manifest lists: move them out or choose "
+            "another path"
         )
 
 
@@ -63,6 +109,7 @@ def state_dir(out: str | Path) -> Path:
     """Where a run writing ``out`` keeps its resumable state: ``<out>.partial`` beside it."""
     if not str(out).strip():
         raise CompensatorError("--out is empty; name the output directory")
+    check_name_length(Path(out))
     out = Path(out).resolve()
     return out.with_name(f"{out.name}.partial")
 
@@ -112,18 +159,13 @@ def atomic_dir(
 
 
 @contextmanager
-def atomic_file(out: str | Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_file(
+    out: str | Path, *, force: bool = False, protect: tuple[str | Path, ...] = ()
+) -> Iterator[Path]:
     """Yield a scratch directory; the one file the block leaves in it at ``out.name``
     replaces ``out`` when the block completes. Nothing is left behind either way."""
-    if not str(out).strip():
-        raise CompensatorError("--out is empty; name the output file")
+    check_out_file(out, force, protect)
     out = Path(out).resolve()
-    if out.is_dir():
-        raise CompensatorError(f"--out {out} is a directory; this format writes one file")
-    if out.exists() and not force:
-        raise CompensatorError(f"--out {out} exists; pass --force to replace it")
-    if out.exists() and out.open("rb").read(4) != b"GGUF":
-        raise CompensatorError(f"--out {out} is not a GGUF file; --force replaces only those")
     _make_parent(out)
     remove_leftovers(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
@@ -135,6 +177,41 @@ def atomic_file(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise write_failure(err, f"{out} (nothing was written there)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out_file(out: str | Path, force: bool, protect: tuple[str | Path, ...] = ()) -> None:
+    """As :func:`check_out` for a one-file output: ``--force`` replaces only a file this
+    tool wrote (a GGUF carrying our key, :data:`GGUF_MARK`)."""
+    if not str(out).strip():
+        raise CompensatorError("--out is empty; name the output file")
+    out = Path(out)
+    check_name_length(out)
+    check_not_source(out, protect)
+    if out.is_dir():
+        raise CompensatorError(f"--out {out} is a directory; this format writes one file")
+    if out.exists() and not force:
+        raise CompensatorError(f"--out {out} exists; pass --force to replace it")
+    if out.exists() and not _is_our_gguf(out):
+        raise CompensatorError(
+            f"--out {out} is not a GGUF this tool exported (no {GGUF_MARK} key); --force "
+            "replaces only those: choose another path"
+        )
+
+
+# The key our GGUF exports carry, so that --force knows a file it may replace.
+GGUF_MARK = "compensator.version"
+
+
+def _is_our_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        import gguf
+
+        return GGUF_MARK in gguf.GGUFReader(path).fields
+    except Exception:  # any file gguf cannot read is not one we can vouch for
+        return False
 
 
 def _make_parent(out: Path) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from compensator.errors import CompensatorError
 from compensator.io.atomic import atomic_dir, atomic_file, dir_size
+from compensator.io.manifest import MANIFEST, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +101,30 @@ def get_format(name: str, **options: Any) -> Format:
     return FORMATS[name](**options)
 
 
-def export(source: ExportSource, out: str | Path, fmt: Format, *, force: bool = False) -> Path:
-    """Write ``source`` to ``out`` in format ``fmt`` (refusing first what it cannot hold)."""
+def export(
+    source: ExportSource,
+    out: str | Path,
+    fmt: Format,
+    *,
+    force: bool = False,
+    protect: tuple[str | Path, ...] = (),
+) -> Path:
+    """Write ``source`` to ``out`` in format ``fmt`` (refusing first what it cannot hold),
+    never over, inside or around the base model or the ``protect``-ed paths (the
+    checkpoint read)."""
     fmt.check(source)
     t0 = time.perf_counter()
+    base = source.quantization_config.get("base_model")
+    protect = (*protect, *((base,) if base else ()))
     out = Path(out).resolve()
     if fmt.path_is_file:
-        with atomic_file(out, force=force) as tmp:
+        with atomic_file(out, force=force, protect=protect) as tmp:
             fmt.write(source, tmp / out.name)
     else:
-        base = source.quantization_config.get("base_model")
-        with atomic_dir(out, force=force, protect=(base,) if base else ()) as tmp:
+        with atomic_dir(out, force=force, protect=protect) as tmp:
             fmt.write(source, tmp)
+            if not (tmp / MANIFEST).exists():  # what lets a later --force replace it
+                write_manifest(tmp)
     for note in source.notes:
         log.info("%s: %s", fmt.name, note)
     size = dir_size(out) if out.is_dir() else out.stat().st_size

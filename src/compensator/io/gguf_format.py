@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from compensator.errors import CompensatorError
+from compensator.io.atomic import GGUF_MARK
 from compensator.io.formats import ExportSource, Format, register_format
 from compensator.io.gguf_blocks import BLOCK, TYPES, auto_type, encode, encode_k, holds
 from compensator.io.native import unique_state_dict
@@ -41,7 +42,7 @@ FILE_TYPES = {
     "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
     "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
 }
-_KEPT_OUT = ("GGUF.", "general.architecture", "general.file_type")
+_KEPT_OUT = ("GGUF.", "general.architecture", "general.file_type", "compensator.")
 
 
 @register_format
@@ -125,20 +126,11 @@ class GGUF(Format):
                 f"and {base!r} is not one; pass --gguf-base FILE.gguf"
             )
         reader = gguf.GGUFReader(path)
-        config = source.model.config
         arch = reader.fields["general.architecture"].contents()
-        blocks = reader.fields.get(f"{arch}.block_count")
-        width = reader.fields.get(f"{arch}.embedding_length")
-        if (
-            blocks is None
-            or width is None
-            or (blocks.contents(), width.contents())
-            != (
-                config.num_hidden_layers,
-                config.hidden_size,
-            )
-        ):
-            raise CompensatorError(f"{path} is not a GGUF of this model (its shape differs)")
+        for key in (f"{arch}.block_count", f"{arch}.embedding_length"):
+            if key not in reader.fields:
+                raise CompensatorError(f"{path} is not a GGUF of this model (it has no {key})")
+        check_metadata(reader, source.model.config, path)
         return reader
 
     def write(self, source: ExportSource, target: Path) -> None:
@@ -153,6 +145,8 @@ class GGUF(Format):
             if not key.startswith(_KEPT_OUT):
                 sub = field.types[1] if len(field.types) > 1 else None
                 writer.add_key_value(key, field.contents(), field.types[0], sub)
+        # What tells a later --force that this file is ours to replace.
+        writer.add_string(GGUF_MARK, str(source.quantization_config.get("compensator_version")))
         writer.add_file_type(
             FILE_TYPES[types.pop()] if len(types) == 1 else gguf.LlamaFileType.ALL_F32
         )
@@ -191,6 +185,44 @@ class GGUF(Format):
             codes, scale, zero = (_permute(t, n_head) for t in (codes, scale, zero))
         blocks = encode_k if qtype in KTYPES else encode
         return blocks(codes.numpy(), scale.numpy(), zero.numpy(), qtype), qtype
+
+
+def _config_values(config: Any) -> dict[str, Any]:
+    """What the GGUF metadata copied from the base must say, from the checkpoint's config,
+    by the key's name after ``<arch>.``."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    heads = config.num_attention_heads
+    return {
+        "block_count": config.num_hidden_layers,
+        "context_length": config.max_position_embeddings,
+        "embedding_length": config.hidden_size,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": heads,
+        "attention.head_count_kv": getattr(config, "num_key_value_heads", None) or heads,
+        "attention.layer_norm_rms_epsilon": config.rms_norm_eps,
+        "rope.freq_base": rope.get("rope_theta", getattr(config, "rope_theta", None)),
+        "rope.dimension_count": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "rope.scaling.factor": rope.get("factor"),
+        "vocab_size": config.vocab_size,
+    }
+
+
+def check_metadata(reader: gguf.GGUFReader, config: Any, path: Path) -> None:
+    """Refuse a base GGUF whose copied metadata contradicts the checkpoint's config (llama.cpp
+    and transformers would run the exported weights with the base's rope base or norm
+    epsilon, and give other logits without a word), naming the first field that differs."""
+    arch = reader.fields["general.architecture"].contents()
+    for name, want in _config_values(config).items():
+        field = reader.fields.get(f"{arch}.{name}")
+        if field is None or want is None:
+            continue
+        got = field.contents()
+        same = got == want if isinstance(want, int) else np.isclose(got, want, rtol=1e-6, atol=0)
+        if not same:
+            raise CompensatorError(
+                f"--gguf-base {path} says {arch}.{name} = {got} but the checkpoint's config has "
+                f"{want}: it is a GGUF of another model; pass the base model's own GGUF"
+            )
 
 
 def _permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ from transformers.initialization import no_init_weights
 from compensator.errors import CompensatorError
 from compensator.io.atomic import atomic_dir, dir_size
 from compensator.io.formats import ExportSource, Format, register_format
+from compensator.io.manifest import MANIFEST, write_manifest
 from compensator.io.streamed import TensorRef, in_memory, write_streamed
 from compensator.models.fingerprint import file_sha256
 from compensator.nn.experts import unfuse_experts
@@ -167,27 +168,22 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-MANIFEST = "manifest.json"
-
-
-def write_manifest(directory: Path) -> None:
-    """The size and sha256 of every file of a checkpoint, written last."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in files
-    }
-    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
-
-
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, format_version: int = FORMAT_VERSION) -> None:
     """Refuse a checkpoint whose files differ from its manifest (changed, truncated,
-    missing) with one line naming the file; checkpoints from before manifests are trusted
-    with a warning."""
+    missing) with one line naming the file. Format 3 and later always write a manifest, so
+    one without it is incomplete; older ones, which wrote none, are trusted with a warning
+    that names the format they record."""
     manifest = path / MANIFEST
+    if not manifest.is_file() and format_version >= 3:
+        raise CompensatorError(
+            f"{path} has no {MANIFEST}, which every format-{format_version} checkpoint has: it "
+            "is incomplete or was changed, and its files cannot be checked; quantize again"
+        )
     if not manifest.is_file():
         log.warning(
-            "%s has no %s (written before format 3): its files cannot be checked", path, MANIFEST
+            "%s is a format-%d checkpoint (before manifests): its files cannot be checked",
+            path,
+            format_version,
         )
         return
     try:
@@ -220,11 +216,14 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
         )
     config = json.loads((path / "config.json").read_text())
     qc = config["quantization_config"]
-    if qc.get("format_version", 0) > FORMAT_VERSION:
+    version = qc.get("format_version", 1)  # format 1 recorded none
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CompensatorError(f"{path}/config.json records format_version {version!r}; damaged")
+    if version > FORMAT_VERSION:
         raise CompensatorError(
-            f"{path} was written by a newer compensator (format {qc['format_version']}); upgrade"
+            f"{path} was written by a newer compensator (format {version}); upgrade"
         )
-    verify_checkpoint(path)
+    verify_checkpoint(path, version)
     return config
 
 

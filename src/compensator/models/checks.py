@@ -3,7 +3,9 @@ from deep inside a rounder ("codes out of range") or an embedding lookup (IndexE
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,7 +74,13 @@ def check_finite_stats(values: dict[str, dict[str, torch.Tensor]], prefix: str) 
 def check_seqlen(seqlen: int, model: nn.Module) -> None:
     """Refuse windows longer than the model's context (learned positions would index past
     their table; rotary ones give numbers the model was never trained for)."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    check_seqlen_within(
+        seqlen, getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    )
+
+
+def check_seqlen_within(seqlen: int, context: Any) -> None:
+    """:func:`check_seqlen` for a context read off a config."""
     if isinstance(context, int) and seqlen > context:
         raise CompensatorError(
             f"--seqlen {seqlen} is beyond the model's context ({context} positions): use at "
@@ -166,3 +174,78 @@ def check_calibration_size(windows: int, seqlen: int) -> None:
         raise CompensatorError(f"--calib-windows {windows} is not valid: use >= 1")
     if seqlen < 2:
         raise CompensatorError(f"--seqlen {seqlen} is not valid: use >= 2")
+
+
+# What a reference must share with the model it is compared to, token by token.
+_SAME_AS_REFERENCE = (
+    ("model_type", "model family"),
+    ("vocab_size", "vocabulary size"),
+    ("hidden_size", "hidden size"),
+    ("num_hidden_layers", "number of layers"),
+    ("intermediate_size", "MLP width"),
+)
+
+
+def check_reference(model: nn.Module, reference: nn.Module, name: object) -> None:
+    """Refuse an FP reference that is not the same model as ``model`` (another family,
+    vocabulary or shape): a KL between two different models' distributions means nothing,
+    and another vocabulary would fail deep in the comparison."""
+    ours, theirs = getattr(model, "config", None), getattr(reference, "config", None)
+    if ours is None or theirs is None:
+        return
+    name = name if isinstance(name, str | Path) else "given as fp"
+    for key, what in _SAME_AS_REFERENCE:
+        a, b = getattr(ours, key, None), getattr(theirs, key, None)
+        if a is not None and b is not None and a != b:
+            raise CompensatorError(
+                f"the FP reference {name} has {what} {b!r}, the model evaluated {a!r}: it is "
+                "not this model's base; pass its own FP model with --fp"
+            )
+
+
+# GGUF tensor types that hold full-precision weights.
+_FP_GGUF_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def check_not_quantized(model: str, builtin: bool) -> None:
+    """Refuse a model directory that is already quantized (its config declares a
+    quantization_config: a compressed-tensors, GPTQ or AWQ export); warn for a GGUF whose
+    weights are quantized types, which load dequantized: the result carries both roundings.
+    The built-in model is a Q4_1 GGUF on purpose (the smallest file to bundle)."""
+    from compensator.models.loading import gguf_source
+
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            method = (json.loads(config.read_text()).get("quantization_config") or {}).get(
+                "quant_method"
+            )
+        except (OSError, ValueError, AttributeError):
+            return  # the loader says what is wrong with it
+        if method and method != "compensator":  # ours: the loader names compensator.load
+            raise CompensatorError(
+                f"'{model}' is already quantized ({method}); quantizing it again rounds rounded "
+                "weights: pass the full-precision model it was made from"
+            )
+    gguf_file = None if builtin else gguf_source(model)
+    if gguf_file is not None:
+        types = _gguf_weight_types(gguf_file) - _FP_GGUF_TYPES
+        if types:
+            log.warning(
+                "%s holds %s-quantized weights: they are dequantized and quantized again, and "
+                "the result carries both roundings; quantize its F16/F32 GGUF or safetensors "
+                "model if you have it",
+                model,
+                "/".join(sorted(types)),
+            )
+
+
+def _gguf_weight_types(path: Path) -> set[str]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception:  # a damaged file: the loader's error says so
+        return set()
+    return {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.")
+            and len(t.shape) == 2}  # fmt: skip

@@ -13,7 +13,8 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,23 +206,53 @@ def _load_dir(
         tokenizer = _load_tokenizer(path, where=str(path), trust_remote_code=trust_remote_code)
         return _open_lazily(path, dtype, trust_remote_code, tokenizer)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )  # fmt: skip
-    except (OSError, ValueError, SafetensorError) as err:
+        # Mismatched shapes are reported below in one line instead of transformers' table.
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, ignore_mismatched_sizes=True,
+            )  # fmt: skip
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
         raise CompensatorError(
             f"cannot load model from '{path}': {_summary(err)}; a truncated or damaged "
             "*.safetensors file gives this too: copy or download it again"
         ) from err
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers fills them with random values and only warns
-        raise CompensatorError(
-            f"'{path}' lacks {len(missing)} of the model's tensors ({missing[0]} first): the "
-            "files are incomplete or from another architecture"
-        )
+    _check_loading_info(path, info)
     tokenizer = _load_tokenizer(path, where=str(path), trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    report = logging.getLogger("transformers.utils.loading_report")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
+
+
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse files that disagree with their config.json: transformers fills missing or
+    mismatched tensors with random values and drops extra ones (a config declaring fewer
+    layers than the weights hold), with only a warning."""
+    problems = {
+        "lacks tensors of its config.json's model, such as": sorted(info.get("missing_keys") or []),
+        "has a shape other than its config.json's for": sorted(
+            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+        ),
+        "holds tensors its config.json's model has not, such as": sorted(
+            k for k in info.get("unexpected_keys") or [] if not k.endswith("rotary_emb.inv_freq")
+        ),
+    }
+    for what, keys in problems.items():
+        if keys:
+            raise CompensatorError(
+                f"'{path}' {what} {keys[0]} ({len(keys)} in all): the files and "
+                "config.json disagree (incomplete files, another architecture, or an edited "
+                "config); use the config saved with the weights"
+            )
 
 
 def _open_lazily(

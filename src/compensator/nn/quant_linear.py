@@ -102,6 +102,10 @@ class QuantLinear(nn.Module):
         # where the same layer sees many large batches) is the dense weight cached.
         self.keep_dense = False
         self.register_buffer("weight_cache", None, persistent=False)
+        # While fine-tuned (``tuning``): the unpacked codes, and a forward that recomputes the
+        # weight from its (trained) scales on every call so gradients reach them.
+        self.register_buffer("codes_cache", None, persistent=False)
+        self.register_buffer("shifted_cache", None, persistent=False)
         self.register_buffer("k_scale", None, persistent=False)  # the kernel's float32 grid
         self.register_buffer("k_zs", None, persistent=False)
 
@@ -174,8 +178,41 @@ class QuantLinear(nn.Module):
             rotation_sizes=rotation_sizes(record),
         )
 
+    def trainable(self) -> dict[str, list[str]]:
+        """The stored tensors fine-tuning may move, by part (``tune.parts``): scales and
+        float mins, and float16 low-rank factors. K-quant scales are 6-bit sub-scales of a
+        float16 per super-block and int8 factors are codes: neither trains exactly."""
+        parts: dict[str, list[str]] = {}
+        if self.spec.kquant is None:
+            parts["scales"] = ["scales"]
+            if self.spec.float_zero:
+                parts["mins"] = ["zeros"]
+        if self.rank and self.factor_bits == 16:
+            parts["lowrank"] = ["lr_a", "lr_b"]
+        return parts
+
+    def tune(self, on: bool) -> None:
+        """Enter (or leave) fine-tuning: codes are unpacked once and every forward is
+        differentiable in the stored float tensors. With integer zero points (fixed, like the
+        codes) the cache is codes - zero in bfloat16, exact for integers below 2^8 in
+        magnitude: one conversion and one product per forward; float mins (trained) keep
+        the codes apart."""
+        self._clear()
+        self.codes_cache = self.shifted_cache = None
+        if not on:
+            return
+        qw = self.quantized_weight()
+        if self.spec.float_zero:
+            self.codes_cache = qw.codes.to(torch.uint8)
+            return
+        zero = qw.params.zero[:, self.spec.group_of_columns(self.in_features)]
+        self.shifted_cache = (qw.codes.float() - zero).to(torch.bfloat16)
+
     def quantized_weight(self) -> QuantizedWeight:
-        codes = unpack_int32(self.qweight, self.spec.bits, self.in_features)
+        if self.codes_cache is not None:
+            codes = self.codes_cache
+        else:
+            codes = unpack_int32(self.qweight, self.spec.bits, self.in_features)
         if self.spec.float_zero:
             zeros = self.zeros.float()
         else:
@@ -219,6 +256,10 @@ class QuantLinear(nn.Module):
     def _clear(self) -> None:
         self.weight_cache = self.a_cache = self.b_cache = self.k_scale = self.k_zs = None
 
+    @property
+    def tuning(self) -> bool:
+        return self.codes_cache is not None or self.shifted_cache is not None
+
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         # model.half()/.to(bfloat16) must not change what is stored (scales in the spec's dtype,
         # fp16 factors): only the device follows.
@@ -246,7 +287,26 @@ class QuantLinear(nn.Module):
             return None
         return qgemv()
 
+    def _tuned_weight(self) -> torch.Tensor:
+        """The dequantized weight while fine-tuning: with whole groups, group parameters
+        broadcast over [out, groups, width] (a gather's backward is a slow scatter-add)."""
+        width = self.spec.group_width(self.in_features)
+        scale = self.scales.float()
+        if self.shifted_cache is None:  # float mins: (codes - zero) * scale
+            if self.in_features % width:
+                return self.dequantize_weight()
+            codes = self.codes_cache.view(self.out_features, -1, width).float()
+            w = (codes - self.zeros.float()[..., None]) * scale[..., None]
+        elif self.in_features % width:
+            cols = self.spec.group_of_columns(self.in_features, scale.device)
+            return self.shifted_cache.float() * scale[:, cols]
+        else:
+            w = self.shifted_cache.view(self.out_features, -1, width).float() * scale[..., None]
+        return w.view(self.out_features, self.in_features)
+
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.tuning:
+            return F.linear(x, self._tuned_weight().to(x.dtype), bias)
         if self.keep_dense or self.weight_cache is not None:  # calibration: the exact weight
             if self.weight_cache is None:
                 self.weight_cache = self.dequantize_weight()
@@ -272,17 +332,18 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.rank:
             return self._matmul(self._quantize_input(x), bias)
-        if self.a_cache is None:
+        if self.a_cache is None and not self.tuning:
             self.a_cache, self.b_cache = self.lowrank().factors()
-        b = self.b_cache.to(x.dtype)
+        a_f, b_f = self.lowrank().factors() if self.tuning else (self.a_cache, self.b_cache)
+        b = b_f.to(x.dtype)
         if self.lowrank_split:
             # In float32 as calibrated: the subtraction cancels most of x's energy, which
             # bfloat16 would not resolve.
-            a32 = self.a_cache.float()
+            a32 = a_f.float()
             z = x.float() @ a32
             xq = self._quantize_input(x.float() - z @ a32.T).to(x.dtype)
             return self._matmul(xq, bias) + z.to(x.dtype) @ b
-        a = self.a_cache.to(x.dtype)
+        a = a_f.to(x.dtype)
         xq = self._quantize_input(x)
         return self._matmul(xq, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
 

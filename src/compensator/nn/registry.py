@@ -45,6 +45,15 @@ class QuantizedLayer(Protocol):
 
     def storage_bits(self) -> int: ...
 
+    def trainable(self) -> dict[str, list[str]]:
+        """The stored float tensors fine-tuning may move, by part ("scales", "mins",
+        "lowrank", "codebook"; ``compensator.tune.parts``): integer codes never appear."""
+        ...
+
+    def tune(self, on: bool) -> None:
+        """Enter or leave fine-tuning: the forward becomes differentiable in those tensors."""
+        ...
+
 
 LAYERS: dict[str, type[QuantizedLayer]] = {}
 

@@ -113,6 +113,15 @@ class VQLinear(nn.Module):
             rotation_sizes=rotation_sizes(record),
         )
 
+    def trainable(self) -> dict[str, list[str]]:
+        """Fine-tuning moves the codebooks and the row scales; indices and signs stay."""
+        return {"codebook": ["codebook"], "scales": ["row_scale"]}
+
+    def tune(self, on: bool) -> None:
+        """Every forward decodes the weight anew (differentiable in the codebooks) unless
+        the dense weight is cached, which fine-tuning turns off."""
+        self.keep_dense, self.weight_cache = False, None
+
     def vq_weight(self) -> VQWeight:
         signs = None
         if self.spec.signs:

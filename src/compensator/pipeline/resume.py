@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -66,6 +66,9 @@ class RestoredBlock:
 @dataclass
 class RunState:
     """The crash-safe state of one quantization run (see the module docstring)."""
+
+    # The files whose presence makes the directory worth keeping after an interrupt.
+    KEEP: ClassVar[str] = "block-*.json"
 
     directory: Path
     restart: bool = False
@@ -109,7 +112,7 @@ class RunState:
         try:
             yield state
         finally:
-            if not any(path.glob("block-*.json")):  # nothing worth resuming: leave no trace
+            if not any(path.glob(cls.KEEP)):  # nothing worth resuming: leave no trace
                 shutil.rmtree(path, ignore_errors=True)
             lock.close()
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.models.adapter import ModelAdapter
-from compensator.models.checks import check_finite_weights
+from compensator.models.checks import check_finite_weights, check_not_quantized
 from compensator.models.dtypes import dtype_name, load_dtype, parse_dtype
 from compensator.models.lazy import LazyWeights, wants_lazy
-from compensator.models.loading import LoadedModel, load_model, local_files
+from compensator.models.loading import LoadedModel, builtin_models, load_model, local_files
 from compensator.parallel import SOLO, Ranks
 from compensator.pipeline.coverage import split_experts
 from compensator.pipeline.passes import StarvedExperts
@@ -126,6 +126,8 @@ def open_model(
     ``dtype`` when one is given), and its experts (split into Linears): read lazily when asked
     (``lazy`` True) or by default (None) where its files, ``has_state`` and the recipe allow."""
     asked_lazy = lazy is True
+    if isinstance(model, str | Path):
+        check_not_quantized(str(model), str(model) in builtin_models())
     lazy = wants_lazy(lazy, local_files(model), bool(rec.transforms), has_state)
     loaded = as_loaded(model, tokenizer, trust_remote_code, lazy, dtype)
     in_memory = not isinstance(model, str | Path)

@@ -12,6 +12,8 @@ Validation is :mod:`compensator.recipes.validate`, from the steps' own declarati
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ from compensator.steps.base import (
 PRESET_DIR = Path(__file__).parent / "presets"
 
 __all__ = ["PRESET_DIR", "Recipe", "Scheme", "load_recipe", "preset_names"]
+
+log = logging.getLogger(__name__)
 
 
 class Recipe(BaseModel):
@@ -163,7 +167,15 @@ class Recipe(BaseModel):
             bits=bits, group_size=group_size, symmetric=symmetric, kquant=kquant,
             float_min=float_min,
         )  # fmt: skip
-        return rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs).with_seed(seed)
+        rec = rec.with_rank(rank).with_act_bits(act_bits).with_epochs(epochs).with_seed(seed)
+        acts = rec.scheme.activations
+        if acts is not None and acts.bits not in KERNEL_ACT_BITS:  # legal, but only simulated
+            log.warning(
+                "%d-bit activations are simulated here and no engine has a kernel for them "
+                "(A4 and A8 have): the checkpoint measures quality, it will not run faster",
+                acts.bits,
+            )
+        return rec
 
     def with_rank(self, rank: int | str | None) -> Recipe:
         """The same recipe with the corrector's rank replaced (None: unchanged)."""
@@ -304,6 +316,30 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+# Activation widths inference engines run with integer kernels (W4A4, W4A8 / W8A8).
+KERNEL_ACT_BITS = (4, 8)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``safe_load`` that refuses a key given twice in one mapping: YAML would keep the last
+    value without a word, so an option set further up is silently not the one used."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:  # before merge keys (<<) are flattened in: they may
+            if key_node.tag == "tag:yaml.org,2002:merge":  # be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the mapping's own constructor says what is wrong with it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -326,7 +362,7 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise CompensatorError(f"cannot read recipe {path}: {reason}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         raise CompensatorError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
