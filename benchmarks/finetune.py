@@ -38,15 +38,20 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
         "gptaq-exact W3 g128",
         ["--recipe", "gptaq-exact", "--bits", "3", "--group-size", "128"],
     ),
+    "w3clip": (
+        "gptaq-exact-clip W3 g128",
+        ["--recipe", "gptaq-exact-clip", "--bits", "3", "--group-size", "128"],
+    ),
     "w2": ("gptaq-exact W2 g64", ["--recipe", "gptaq-exact", "--bits", "2", "--group-size", "64"]),
     "ssvq2": ("ssvq-2bit", ["--recipe", "ssvq-2bit"]),
 }
 # Fine-tuning rows: (label, finetune options); "none" is the base checkpoint itself.
 ROWS: dict[str, tuple[str, list[str] | None]] = {
     "none": ("no fine-tuning", None),
-    "default": ("scales + norms (+ codebooks), defaults", []),
+    "default": ("defaults: every part held, 64 windows x 1 epoch", []),
     "scales": ("scales only", ["--train", "scales"]),
     "norms": ("norms only", ["--train", "norms"]),
+    "long": ("defaults, 128 windows x 1 epoch", ["--windows", "128"]),
 }
 
 

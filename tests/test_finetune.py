@@ -19,8 +19,7 @@ from compensator.nn import QuantLinear
 from compensator.quant.spec import QuantSpec
 from compensator.tune.loop import Schedule, batch_rows
 from compensator.tune.parts import attach, commit
-from compensator.tune.run import TuneConfig
-from compensator.tune.spec import parse_parts
+from compensator.tune.spec import TuneConfig, parse_parts
 from compensator.tune.state import TuneState
 from compensator.tune.teacher import topk_kl, topk_targets
 from compensator.tune.windows import free_windows

@@ -5,8 +5,9 @@ A result is bit-exact only on one kind of CPU (the linear algebra takes other co
 an AMD EPYC with AVX-512 than on an Intel Xeon with AVX-512: other last bits in SVDs, least
 squares, bf16 products and training, same code), so each preset has two pins:
 
-- ``exact``: hashes of codes, floats and the rest of the model, kept per CPU kind (vendor and
-  torch's CPU capability). On a kind with pins any changed bit fails. On a kind without them
+- ``exact``: hashes of codes, floats and the rest of the model, kept per CPU kind (vendor,
+  torch's CPU capability, and family/model where two of a kind differ; ``cpu_kinds``). On a
+  kind with pins any changed bit fails. On a kind without them
   the test asserts that two runs agree bit for bit, and warns.
 - ``probe``: the quantized model's logits on fixed tokens, which any machine can check within
   a tolerance measured, not guessed: ``--write`` reruns every preset under other code paths
@@ -23,7 +24,9 @@ The weights are drawn from our own seeded generator, not transformers' initializ
 transformers release that changes its init does not move the pins. To re-pin after an
 intended change of results: ``python tests/test_preset_codes.py --write`` (probes, their
 tolerances and this CPU kind's hashes; other kinds' hashes are stale after a change and are
-dropped), and say why in the commit. ``--write-exact`` adds this kind's hashes alone.
+dropped), and say why in the commit. ``--write-exact`` adds this kind's hashes alone;
+``--write-new`` pins only the jobs that have no pin yet (a new preset: its probe, tolerance and
+this kind's hashes; other kinds check it for determinism until they add theirs).
 """
 
 from __future__ import annotations
@@ -60,16 +63,29 @@ VARIANTS = [
 ]
 
 
-def cpu_kind() -> str:
-    vendor = "unknown"
+def cpu_kinds() -> list[str]:
+    """This CPU's pin keys, the finest first: vendor, torch's CPU capability, family and
+    model (two AMD EPYCs with AVX-512, Zen 4 and another, differ in the last bits of two
+    presets), then vendor and capability alone (the pins written before family and model)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            vendor = next(
-                (ln.split(":")[1].strip() for ln in f if ln.startswith("vendor_id")), vendor
-            )
+            for ln in f:
+                key, _, value = ln.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{vendor}-{torch.backends.cpu.get_cpu_capability()}"
+    coarse = f"{info.get('vendor_id', 'unknown')}-{torch.backends.cpu.get_cpu_capability()}"
+    return [f"{coarse}-f{info.get('cpu family', '?')}m{info.get('model', '?')}", coarse]
+
+
+def cpu_kind() -> str:
+    return cpu_kinds()[0]
+
+
+def exact_pins(pins: dict) -> dict | None:
+    """This CPU's bit-exact pins: under its finest key that has any."""
+    return next((pins["exact"][k] for k in cpu_kinds() if k in pins["exact"]), None)
 
 
 def _pins() -> dict:
@@ -162,8 +178,8 @@ def test_preset_output_is_pinned(job: str, preset: str, overrides: dict[str, int
     pin = pins["probe"][job]
     moved = CHECKS[pin["check"]](got, pin, pins["fp_probe"])
     assert moved <= pin["tol"], f"{job}: {pin['check']} {moved:.3%} > tolerance {pin['tol']:.3%}"
-    exact = pins["exact"].get(cpu_kind())
-    if exact is not None:
+    exact = exact_pins(pins)
+    if exact is not None and job in exact:
         assert got["exact"] == exact[job]
         return
     # No bit-exact pins for this CPU: what can still be asserted bit for bit is that the
@@ -176,8 +192,8 @@ def test_preset_output_is_pinned(job: str, preset: str, overrides: dict[str, int
     assert _run(preset, overrides)["exact"] == got["exact"], f"{job}: two runs differ"
 
 
-def _variant_runs(env: dict[str, str]) -> dict[str, dict]:
-    cmd = [sys.executable, __file__, "--probes"]
+def _variant_runs(env: dict[str, str], jobs: list[str] | None = None) -> dict[str, dict]:
+    cmd = [sys.executable, __file__, "--probes", *(jobs or [])]
     out = subprocess.run(
         cmd, env={**os.environ, **env}, check=True, capture_output=True, text=True
     ).stdout
@@ -196,8 +212,18 @@ def _probe_pin(run: dict, others: list[dict], fp_probe: list[float]) -> dict:
 
 if __name__ == "__main__":
     mode = sys.argv[1:]
-    if mode == ["--probes"]:
-        print(json.dumps({job: _run(p, kw) for job, p, kw in _jobs()}))
+    if mode[:1] == ["--probes"]:  # every job, or the ones named after it
+        wanted = set(mode[1:])
+        print(json.dumps({j: _run(p, kw) for j, p, kw in _jobs() if not wanted or j in wanted}))
+    elif mode == ["--write-new"]:  # pins for jobs that have none (a new preset), nothing else
+        pins = _pins()
+        new = [(j, p, kw) for j, p, kw in _jobs() if j not in pins["probe"]]
+        runs = {j: _run(p, kw) for j, p, kw in new}
+        variants = [_variant_runs(env, list(runs)) for env in VARIANTS]
+        for job, r in runs.items():
+            pins["probe"][job] = _probe_pin(r, [v[job] for v in variants], pins["fp_probe"])
+            pins["exact"].setdefault(cpu_kind(), {})[job] = r["exact"]
+        PINNED.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
     elif mode in (["--write"], ["--write-exact"]):
         runs = {job: _run(p, kw) for job, p, kw in _jobs()}
         kinds = {cpu_kind(): {job: r["exact"] for job, r in runs.items()}}
@@ -213,4 +239,4 @@ if __name__ == "__main__":
             pins["exact"].update(kinds)
         PINNED.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
     else:
-        sys.exit("usage: test_preset_codes.py --write | --write-exact")
+        sys.exit("usage: test_preset_codes.py --write | --write-exact | --write-new")

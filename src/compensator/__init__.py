@@ -18,7 +18,7 @@ _LAZY = {
     "evaluate": "compensator.api",
     "export": "compensator.api",
     "finetune": "compensator.api_tune",
-    "TuneConfig": "compensator.tune.run",
+    "TuneConfig": "compensator.tune.spec",
     "load": "compensator.api",
     "quantize": "compensator.api",
     "save": "compensator.api",
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from compensator.api import QuantizedModel, evaluate, export, load, quantize, save
     from compensator.api_tune import finetune
     from compensator.recipes.recipe import Recipe, Scheme, load_recipe
-    from compensator.tune.run import TuneConfig
+    from compensator.tune.spec import TuneConfig
 
 
 def __getattr__(name: str) -> Any:

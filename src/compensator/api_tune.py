@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from compensator import __version__
-from compensator.tune.run import TuneConfig, TuneRun, run_finetune
+from compensator.tune.run import TuneRun, run_finetune
+from compensator.tune.spec import TuneConfig
 
 
 def finetune(

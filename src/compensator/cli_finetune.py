@@ -9,7 +9,7 @@ import click
 
 from compensator.cli_options import friendly, no_progress_bars
 from compensator.errors import CompensatorError
-from compensator.tune.spec import PARTS
+from compensator.tune.spec import PARTS, TuneConfig
 
 
 def _lr_pairs(values: tuple[str, ...]) -> dict[str, float]:
@@ -40,16 +40,34 @@ _PARTS_HELP = (
     "--data", default=None, help="Own text (file, hf:...); default: the calibration text."
 )
 @click.option("--teacher", default=None, help="Distil from this model (default: the base model).")
-@click.option("--windows", type=int, default=128, show_default=True, help="Training windows.")
-@click.option("--seqlen", type=int, default=512, show_default=True)
-@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option(
+    "--windows", type=int, default=TuneConfig.windows, show_default=True, help="Training windows."
+)
+@click.option("--seqlen", type=int, default=TuneConfig.seqlen, show_default=True)
+@click.option("--epochs", type=int, default=TuneConfig.epochs, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per step.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=TuneConfig.batch_size,
+    show_default=True,
+    help="Windows per step.",
+)
 @click.option("--lr", "lr", multiple=True, help="PART=RATE, overrides a part's learning rate.")
-@click.option("--warmup", type=float, default=0.1, show_default=True, help="Share of steps.")
-@click.option("--top-k", type=int, default=128, show_default=True, help="Teacher tokens cached.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-every", type=int, default=20, show_default=True, help="Steps per state save.")
+@click.option(
+    "--warmup", type=float, default=TuneConfig.warmup, show_default=True, help="Share of steps."
+)
+@click.option(
+    "--top-k", type=int, default=TuneConfig.top_k, show_default=True, help="Teacher tokens cached."
+)
+@click.option("--seed", type=int, default=TuneConfig.seed, show_default=True)
+@click.option(
+    "--save-every",
+    type=int,
+    default=TuneConfig.save_every,
+    show_default=True,
+    help="Steps per state save.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--force", is_flag=True, help="Replace an earlier output of ours at --out.")
 @click.option("--restart", is_flag=True, help="Discard the state kept in <out>.partial.")
@@ -72,7 +90,6 @@ def finetune_cmd(
     resumes, bit-identical to an uninterrupted run."""
     from compensator.api import resolve_device
     from compensator.api_tune import finetune
-    from compensator.tune.run import TuneConfig
 
     if no_progress:
         no_progress_bars()

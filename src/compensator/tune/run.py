@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from compensator.models.fingerprint import file_sha256, source_fingerprint, tens
 from compensator.models.loading import load_model
 from compensator.tune.loop import Schedule, TrainLog, train
 from compensator.tune.parts import attach, commit
-from compensator.tune.spec import parse_parts
+from compensator.tune.spec import TuneConfig, parse_parts
 from compensator.tune.state import TuneState
 from compensator.tune.teacher import TeacherCache, build_cache, open_cache
 from compensator.tune.windows import training_windows
@@ -49,50 +49,6 @@ class TuneRun:
     restart: bool = False
     progress: bool = True
     device: str | torch.device = "cpu"
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """What ``finetune`` trains, on what, for how long (defaults: docs/finetune.md)."""
-
-    train: str | tuple[str, ...] | None = None  # parts; None: every part the layers hold
-    data: str | None = None  # None: the checkpoint's calibration text, other windows
-    windows: int = 128
-    seqlen: int = 512
-    epochs: int = 2
-    max_steps: int | None = None
-    batch_size: int = 1
-    lr: dict[str, float] = field(default_factory=dict)
-    warmup: float = 0.1
-    top_k: int = 128
-    seed: int = 0
-    save_every: int = 20
-    teacher: str | None = None
-
-    def check(self) -> None:
-        for name in ("windows", "seqlen", "epochs", "batch_size", "top_k", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                flag = name.replace("_", "-")
-                raise CompensatorError(f"--{flag} {value!r} is not valid: use a positive integer")
-        if self.seqlen < 2:
-            raise CompensatorError(f"--seqlen {self.seqlen} is not valid: use >= 2")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise CompensatorError(f"--max-steps {self.max_steps} is not valid: use >= 1")
-        if not 0 <= self.warmup < 1:
-            raise CompensatorError(f"--warmup {self.warmup} is not valid: use a share in [0, 1)")
-        bad = {k: v for k, v in self.lr.items() if not (v > 0 and v < 1)}
-        if bad:
-            raise CompensatorError(f"learning rates {bad} are not valid: use values in (0, 1)")
-        parse_parts(self.train)
-        unknown = set(self.lr) - set(parse_parts(None))
-        if unknown:
-            raise CompensatorError(f"--lr names unknown parts {sorted(unknown)}")
-
-    def steps(self, n_windows: int) -> int:
-        per_epoch = -(-n_windows // self.batch_size)
-        total = self.epochs * per_epoch
-        return total if self.max_steps is None else min(total, self.max_steps)
 
 
 def run_finetune(
