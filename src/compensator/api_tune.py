@@ -27,5 +27,7 @@ def finetune(
     Integer codes stay fixed, so every export holds the result exactly. Resumable: the state
     is kept in ``<out>.partial`` every ``save_every`` steps and the same call after a kill or
     Ctrl-C continues, bit-identical (``restart`` starts over)."""
-    run = TuneRun(__version__, force, restart, progress, device)
+    from compensator.api import resolve_device
+
+    run = TuneRun(__version__, force, restart, progress, resolve_device(device))
     return run_finetune(checkpoint, out, config, run)

@@ -88,7 +88,6 @@ def finetune_cmd(
     Integer codes stay fixed: the result exports exactly like its source. The state is kept
     in <out>.partial every --save-every steps: after a kill or Ctrl-C the same command
     resumes, bit-identical to an uninterrupted run."""
-    from compensator.api import resolve_device
     from compensator.api_tune import finetune
 
     if no_progress:
@@ -96,6 +95,6 @@ def finetune_cmd(
     config = TuneConfig(lr=_lr_pairs(lr), **opts)
     path = finetune(
         checkpoint, out, config, force=force, restart=restart, progress=not no_progress,
-        device=resolve_device(device),
+        device=device,
     )  # fmt: skip
     click.echo(f"saved {path}")

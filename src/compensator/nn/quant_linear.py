@@ -348,7 +348,12 @@ class QuantLinear(nn.Module):
         return self._matmul(xq, bias) + ((x if self.lowrank_raw else xq) @ a) @ b
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.act_spec is None else quantize_activations(x, self.act_spec)
+        if self.act_spec is None:
+            return x
+        q = quantize_activations(x, self.act_spec)
+        # While tuning, gradients pass the rounding straight through to what feeds this layer
+        # (norms, earlier layers); the value is q exactly (x - x is 0).
+        return q.detach() + (x - x.detach()) if self.tuning else q
 
     def extra_repr(self) -> str:
         extra = f", rank={self.rank}" if self.rank else ""

@@ -65,6 +65,7 @@ class VQLinear(nn.Module):
             self.register_buffer("rot_left", torch.eye(a))
             self.register_buffer("rot_right", torch.eye(b))
         self.keep_dense = False  # cache the decoded weight (calibration only)
+        self.tuning = False  # fine-tuning: gradients pass the activation rounding
         self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
@@ -120,7 +121,7 @@ class VQLinear(nn.Module):
     def tune(self, on: bool) -> None:
         """Every forward decodes the weight anew (differentiable in the codebooks) unless
         the dense weight is cached, which fine-tuning turns off."""
-        self.keep_dense, self.weight_cache = False, None
+        self.keep_dense, self.weight_cache, self.tuning = False, None, on
 
     def vq_weight(self) -> VQWeight:
         signs = None
@@ -160,7 +161,9 @@ class VQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = rotate_input(self, x)
         if self.act_spec is not None:
-            x = quantize_activations(x, self.act_spec)
+            q = quantize_activations(x, self.act_spec)
+            # While tuning (no dense cache), gradients pass the rounding straight through.
+            x = q.detach() + (x - x.detach()) if self.tuning else q
         w = self.weight_cache
         if w is None:
             w = self.dequantize_weight()

@@ -68,7 +68,7 @@ class RunState:
     """The crash-safe state of one quantization run (see the module docstring)."""
 
     # The files whose presence makes the directory worth keeping after an interrupt.
-    KEEP: ClassVar[str] = "block-*.json"
+    KEEP: ClassVar[tuple[str, ...]] = ("block-*.json",)
 
     directory: Path
     restart: bool = False
@@ -112,9 +112,13 @@ class RunState:
         try:
             yield state
         finally:
-            if not any(path.glob(cls.KEEP)):  # nothing worth resuming: leave no trace
+            if not cls.has_kept(path):  # nothing worth resuming: leave no trace
                 shutil.rmtree(path, ignore_errors=True)
             lock.close()
+
+    @classmethod
+    def has_kept(cls, path: Path) -> bool:
+        return any(any(path.glob(pattern)) for pattern in cls.KEEP)
 
     # -- the run's identity -------------------------------------------------------------
 
@@ -131,9 +135,9 @@ class RunState:
             if reason is None:
                 _warn_soft(old["fingerprint"], fingerprint)
         if old is None or reason is not None:
-            if old is not None and any(self.directory.glob("block-*")):
+            if old is not None and self.has_kept(self.directory):
                 log.warning(
-                    "starting over, discarding the blocks in %s: %s", self.directory, reason
+                    "starting over, discarding what is kept in %s: %s", self.directory, reason
                 )
             self._clear()
             _write_atomic(run, json.dumps({"version": STATE_VERSION, "fingerprint": fingerprint}))

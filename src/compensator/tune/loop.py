@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compensator.tune.parts import PARTS, Attached
+from compensator.errors import CompensatorError
+from compensator.tune.parts import Attached
+from compensator.tune.spec import PARTS
 from compensator.tune.state import TuneState
 from compensator.tune.teacher import TeacherCache, topk_kl
 
@@ -123,6 +125,11 @@ def train(
             g["lr"] = g["base_lr"] * schedule.factor(step)
         logits = model(input_ids=windows[rows].to(device), use_cache=False).logits
         loss = topk_kl(logits, *(t.to(device) for t in cache.batch(rows)))
+        if not torch.isfinite(loss):
+            raise CompensatorError(
+                f"the loss is {loss.item()} at step {step + 1}: training diverged; lower the "
+                "learning rates (--lr PART=RATE); the last saved step is kept"
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

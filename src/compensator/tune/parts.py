@@ -48,8 +48,7 @@ class Attached:
     """The tensors being trained: per part, the parameters the optimizer moves."""
 
     groups: dict[str, list[nn.Parameter]]
-    # (module, tensor name, stored dtype) of every parametrized tensor, to commit at the end
-    stored: list[tuple[nn.Module, str, torch.dtype]]
+    stored: list[Stored]  # every parametrized tensor, to commit at the end
     layers: list[nn.Module]
 
     def named(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -77,9 +76,9 @@ def available_parts(model: nn.Module) -> set[str]:
     return found | ({"norms"} if norm_modules(model) else set())
 
 
-def attach(model: nn.Module, parts: tuple[str, ...], explicit: bool) -> Attached:
-    """Freeze ``model`` and make the tensors of ``parts`` trainable. A part no layer holds
-    is refused when the user named it (``explicit``), else skipped."""
+def check_parts(model: nn.Module, parts: tuple[str, ...], explicit: bool) -> list[str]:
+    """The ``parts`` that ``model`` holds; a part no layer holds is refused when the user
+    named it (``explicit``), else skipped."""
     have = available_parts(model)
     missing = [p for p in parts if p not in have]
     if explicit and missing:
@@ -93,44 +92,64 @@ def attach(model: nn.Module, parts: tuple[str, ...], explicit: bool) -> Attached
             "nothing to train: this checkpoint holds none of "
             f"{', '.join(parts)}; pick --train from {', '.join(sorted(have)) or '(none)'}"
         )
+    return chosen
+
+
+def attach(model: nn.Module, parts: tuple[str, ...], explicit: bool) -> Attached:
+    """Freeze ``model`` and make the tensors of ``parts`` trainable (:func:`check_parts`)."""
+    chosen = check_parts(model, parts, explicit)
     for p in model.parameters():
         p.requires_grad_(False)
     groups: dict[str, list[nn.Parameter]] = {p: [] for p in chosen}
-    stored: list[tuple[nn.Module, str, torch.dtype]] = []
+    stored: list[Stored] = []
     layers = [layer for _, layer in quantized_layers(model)]
+    targets: list[tuple[nn.Module, str, str]] = []
     for layer in layers:
         layer.tune(True)
-        for part, names in layer.trainable().items():
-            if part in groups:
-                for name in names:
-                    param, dtype = _parametrize(layer, name, PARTS[part].relative)
-                    groups[part].append(param)
-                    stored.append((layer, name, dtype))
-    if "norms" in groups:
-        for _, m in norm_modules(model):
-            m.weight.requires_grad_(True)
-            groups["norms"].append(m.weight)
+        declared = layer.trainable().items()
+        targets += [(layer, n, part) for part, names in declared if part in groups for n in names]
+    if "norms" in groups:  # bf16/fp16 norms too get a float32 master: Adam's steps would round away
+        targets += [(m, "weight", "norms") for _, m in norm_modules(model)]
+    for module, name, part in targets:
+        param, kept = _parametrize(module, name, PARTS[part].relative)
+        groups[part].append(param)
+        stored.append(kept)
     return Attached(groups, stored, layers)
 
 
-def _parametrize(layer: nn.Module, name: str, relative: bool) -> tuple[nn.Parameter, torch.dtype]:
-    """Buffer ``name`` becomes a float32 parameter seen through :class:`StoredAs`."""
-    t = layer._buffers.pop(name)
-    layer.register_parameter(name, nn.Parameter(t.detach().float().clone()))
+@dataclass(frozen=True)
+class Stored:
+    """A trained tensor: where it lives, its stored dtype, whether it was a parameter."""
+
+    module: nn.Module
+    name: str
+    dtype: torch.dtype
+    parameter: bool
+
+
+def _parametrize(module: nn.Module, name: str, relative: bool) -> tuple[nn.Parameter, Stored]:
+    """Buffer or parameter ``name`` becomes a float32 master seen through :class:`StoredAs`."""
+    was_param = name in module._parameters
+    t = (module._parameters if was_param else module._buffers).pop(name)
+    module.register_parameter(name, nn.Parameter(t.detach().float().clone()))
     base = t.detach().float().clone() if relative else None
-    parametrize.register_parametrization(layer, name, StoredAs(t.dtype, base))
-    original = layer.parametrizations[name].original
+    parametrize.register_parametrization(module, name, StoredAs(t.dtype, base))
+    original = module.parametrizations[name].original
     original.requires_grad_(True)
-    return original, t.dtype
+    return original, Stored(module, name, t.dtype, was_param)
 
 
 def commit(attached: Attached) -> None:
-    """Write every trained tensor back as the buffer it was, in its stored dtype (exactly
-    what the last forward used), and leave tuning."""
-    for layer, name, dtype in attached.stored:
-        parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
-        value = layer._parameters.pop(name).detach()
-        layer.register_buffer(name, value.to(dtype))
+    """Write every trained tensor back as the buffer or parameter it was, in its stored
+    dtype (exactly what the last forward used), and leave tuning."""
+    for kept in attached.stored:
+        module, name = kept.module, kept.name
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        value = module._parameters.pop(name).detach().to(kept.dtype)
+        if kept.parameter:
+            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        else:
+            module.register_buffer(name, value)
     for layer in attached.layers:
         layer.tune(False)
     for ps in attached.groups.values():

@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,14 @@ from torch import nn
 from compensator.errors import CompensatorError, RunInterrupted
 from compensator.io.atomic import check_out, state_dir
 from compensator.io.native import MANIFEST, load_checkpoint, read_quantization_config
+from compensator.io.native import WEIGHTS_FILE as WEIGHTS
 from compensator.io.native import save_checkpoint as write_checkpoint_dir
 from compensator.io.targets import recorded_base
+from compensator.models.checks import check_seqlen_within
 from compensator.models.fingerprint import file_sha256, source_fingerprint, tensor_sha256
 from compensator.models.loading import load_model
 from compensator.tune.loop import Schedule, TrainLog, train
-from compensator.tune.parts import attach, commit
+from compensator.tune.parts import attach, check_parts, commit
 from compensator.tune.spec import TuneConfig, parse_parts
 from compensator.tune.state import TuneState
 from compensator.tune.teacher import TeacherCache, build_cache, open_cache
@@ -58,27 +59,28 @@ def run_finetune(
     run: TuneRun,
 ) -> Path:
     """:func:`compensator.finetune` (its docstring says what it does)."""
-    force, restart, progress, device = run.force, run.restart, run.progress, run.device
     cfg = config or TuneConfig()
     if not isinstance(cfg, TuneConfig):
         raise CompensatorError(f"config must be a TuneConfig, got {type(cfg).__name__}")
     cfg.check()
-    check_out(out, force, protect=(checkpoint,))
+    check_out(out, run.force, protect=(checkpoint,))
     t0 = time.perf_counter()
     full = read_quantization_config(checkpoint)  # a damaged checkpoint fails here
     qc = full["quantization_config"]
+    check_seqlen_within(cfg.seqlen, full.get("max_position_embeddings"))
+    parts = parse_parts(cfg.train)
+    # What the layers hold, checked before the teacher's pass (then the student is freed).
+    check_parts(load_checkpoint(checkpoint), parts, explicit=cfg.train is not None)
     tokenizer = _tokenizer(Path(checkpoint), qc)
     windows, data = training_windows(
         tokenizer, cfg.data, qc.get("calibration"), cfg.windows, cfg.seqlen, cfg.seed
     )
     teacher_id = _teacher_identity(cfg.teacher, qc)
-    dev = torch.device(device)
-    with ExitStack() as stack:
-        state = stack.enter_context(TuneState.open(state_dir(out), restart=restart))
+    dev = torch.device(run.device)
+    with TuneState.open(state_dir(out), restart=run.restart) as state:
         state.begin(_fingerprint(checkpoint, cfg, windows, teacher_id, dev, run.version), 0)
-        cache = _teacher_cache(cfg, qc, full, windows, teacher_id, state.teacher_dir, dev, progress)
+        cache = _teacher_cache(cfg, full, windows, teacher_id, state.teacher_dir, dev, run)
         model = load_checkpoint(checkpoint, device=dev)
-        parts = parse_parts(cfg.train)
         attached = attach(model, parts, explicit=cfg.train is not None)
         schedule = Schedule(
             cfg.steps(windows.shape[0]), cfg.batch_size, cfg.warmup, dict(cfg.lr),
@@ -88,14 +90,14 @@ def run_finetune(
         log.info("training %s", ", ".join(f"{k} ({v:,} values)" for k, v in trained.items()))
         try:
             with torch.enable_grad():
-                result = train(model, windows, cache, attached, schedule, state, progress)
+                result = train(model, windows, cache, attached, schedule, state, run.progress)
         except KeyboardInterrupt:
             raise RunInterrupted(state.interrupted_message()) from None
         commit(attached)
         record = _record(cfg, data, teacher_id, trained, schedule, result, cache, t0)
         record["compensator_version"] = run.version
         path = write_checkpoint_dir(
-            model.cpu(), {**qc, "finetune": record}, out, tokenizer=tokenizer, force=force
+            model.cpu(), {**qc, "finetune": record}, out, tokenizer=tokenizer, force=run.force
         )
         state.discard()
     log.info("fine-tuned %s in %.1fs: %s", checkpoint, time.perf_counter() - t0, path)
@@ -133,7 +135,9 @@ def _load_teacher(teacher_id: dict[str, Any], explicit: bool) -> nn.Module:
     try:
         return recorded_base(teacher_id["model"], teacher_id["fingerprint"])
     except CompensatorError as err:
-        raise CompensatorError(f"{err} (or name the teacher with --teacher MODEL)") from None
+        # recorded_base's advice is eval's (--fp); here the way out is --teacher.
+        why = str(err).split("; pass the FP model")[0]
+        raise CompensatorError(f"{why}; name the teacher with --teacher MODEL") from None
 
 
 def _fingerprint(
@@ -144,9 +148,12 @@ def _fingerprint(
     device: torch.device,
     version: str,
 ) -> dict[str, Any]:
+    # save_every changes when state is written, not what is computed: resuming across it is fine
+    config = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    files = [MANIFEST] if (Path(checkpoint) / MANIFEST).is_file() else ["config.json", WEIGHTS]
     return {
-        "checkpoint": file_sha256(Path(checkpoint) / MANIFEST),
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "checkpoint": [file_sha256(Path(checkpoint) / f) for f in files],
+        "config": json.loads(json.dumps(config, default=str)),
         "windows": tensor_sha256(windows),
         "teacher": teacher,
         "device": device.type,
@@ -158,27 +165,30 @@ def _fingerprint(
 
 def _teacher_cache(
     cfg: TuneConfig,
-    qc: dict[str, Any],
     full: dict[str, Any],
     windows: torch.Tensor,
     teacher_id: dict[str, Any],
     directory: Path,
     device: torch.device,
-    progress: bool,
+    run: TuneRun,
 ) -> TeacherCache:
-    key = {"windows": tensor_sha256(windows), "top_k": cfg.top_k, "teacher": teacher_id}
+    key = {
+        "windows": tensor_sha256(windows), "shape": list(windows.shape), "top_k": cfg.top_k,
+        "teacher": teacher_id,
+    }  # fmt: skip
     cache = open_cache(directory, key)
     if cache is not None:
         log.info("teacher targets reused from %s", directory)
         return cache
     teacher = _load_teacher(teacher_id, cfg.teacher is not None).to(device).eval()
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    if vocab != full.get("vocab_size", vocab):
+    ours = full.get("vocab_size") or (full.get("text_config") or {}).get("vocab_size")
+    if ours is not None and vocab != ours:
         raise CompensatorError(
-            f"the teacher's vocabulary has {vocab} tokens, the checkpoint's "
-            f"{full['vocab_size']}: distil from a model with the checkpoint's tokenizer"
+            f"the teacher's vocabulary has {vocab} tokens, the checkpoint's {ours}: distil "
+            "from a model with the checkpoint's tokenizer"
         )
-    cache = build_cache(teacher, windows, cfg.top_k, directory, key, progress)
+    cache = build_cache(teacher, windows, cfg.top_k, directory, key, run.progress)
     del teacher
     gc.collect()
     return cache

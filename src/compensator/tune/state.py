@@ -40,7 +40,8 @@ TEACHER = "teacher"
 
 @dataclass
 class TuneState(RunState):
-    KEEP: ClassVar[str] = STEP
+    # A saved step, or the teacher's finished targets (the costly part of a start).
+    KEEP: ClassVar[tuple[str, ...]] = (STEP, "teacher/teacher.json")
 
     @property
     def teacher_dir(self) -> Path:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compensator.pipeline.resume import _write_atomic
+
 log = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
@@ -87,10 +89,12 @@ _DONE = "teacher.json"
 
 def open_cache(directory: Path, key: dict[str, Any]) -> TeacherCache | None:
     """The cache in ``directory`` when it is complete and was made for ``key``."""
-    done = directory / _DONE
-    if not done.is_file() or json.loads(done.read_text()) != key:
+    try:
+        if json.loads((directory / _DONE).read_text()) != key:
+            return None
+        arrays = [np.load(directory / f, mmap_mode="r") for f in _FILES]
+    except (OSError, ValueError):  # absent, or damaged by a kill: built again
         return None
-    arrays = [np.load(directory / f, mmap_mode="r") for f in _FILES]
     return TeacherCache(*arrays)
 
 
@@ -124,7 +128,7 @@ def build_cache(
     for arr in arrays:
         arr.flush()
     del arrays
-    (directory / _DONE).write_text(json.dumps(key))
+    _write_atomic(directory / _DONE, json.dumps(key))
     cache = open_cache(directory, key)
     assert cache is not None
     log.info(

@@ -64,11 +64,18 @@ def training_windows(
             "the checkpoint was calibrated on token ids given as a tensor, so its text is "
             "unknown: pass --data FILE (the text to fine-tune on)"
         )
-    text, description = resolve_text(source, "calib")
+    try:
+        text, description = resolve_text(source, "calib")
+    except CompensatorError as err:
+        if data is not None:
+            raise
+        raise CompensatorError(
+            f"the checkpoint's calibration text cannot be read ({err}); pass --data FILE"
+        ) from None
     tokens = tokenize_text(tokenizer, text)
     same_text = data is None or data == calib_source
     taken = calibration_spans(calibration, tokens.numel()) if same_text else []
-    if same_text and not taken:
+    if same_text and calibration and not taken:
         log.warning("the checkpoint records no calibration windows: fine-tuning windows may "
                     "overlap the ones it was quantized on")  # fmt: skip
     starts = free_windows(tokens.numel(), seqlen, taken)
