@@ -111,10 +111,10 @@ def _row(setting: str, row: str, seed: int, extra: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _stat(values: list[float]) -> str:
+def _stat(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -148,7 +148,7 @@ def markdown(result: dict[str, Any]) -> str:
         label = ROWS[row][0] + (f" `{opts}`" if opts and row != "none" else "")
         lines.append(
             f"| {SETTINGS[setting][0]} | {label} | {len(cell)} | {_stat([r['ppl'] for r in cell])} "
-            f"| {_stat([r['kl'] for r in cell]).replace('.00', '.00')} "
+            f"| {_stat([r['kl'] for r in cell], 4)} "
             f"| {_stat([r['ppl_embedded'] for r in cell])} | {cell[0]['bits_per_weight']:.2f} "
             f"| {_stat(q)} | {_stat(f) if f else '-'} | {_stat(ratio) + 'x' if ratio else '-'} |"
         )  # fmt: skip
@@ -175,8 +175,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--name", default="finetune")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in NAME.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite NAME.md from NAME.json")
     ap.add_argument("extra", nargs="*", help="more finetune options for every row (after --)")
     args = ap.parse_args()
+    if args.render:
+        result = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(result))
+        return
     if not os.environ.get("COMPENSATOR_DATA"):
         raise SystemExit("set COMPENSATOR_DATA to the shared data directory")
     WORK.mkdir(parents=True, exist_ok=True)
