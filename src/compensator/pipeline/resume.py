@@ -69,6 +69,8 @@ class RunState:
 
     # The files whose presence makes the directory worth keeping after an interrupt.
     KEEP: ClassVar[tuple[str, ...]] = ("block-*.json",)
+    # What starting over leaves in place (the lock, and whatever validates itself).
+    PRESERVE: ClassVar[tuple[str, ...]] = ("lock",)
 
     directory: Path
     restart: bool = False
@@ -153,7 +155,7 @@ class RunState:
 
     def _clear(self) -> None:
         for p in self.directory.iterdir():
-            if p.name != "lock":
+            if p.name not in self.PRESERVE:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     # -- blocks --------------------------------------------------------------------------

@@ -223,4 +223,6 @@ def _record(
         "seed": cfg.seed,
         "seconds": round(time.perf_counter() - t0, 1),
         "train_seconds": round(result.seconds, 1),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "resumed_at_step": result.resumed_at,
     }

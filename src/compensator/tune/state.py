@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,18 +42,15 @@ class TuneState(RunState):
     # A saved step, or the teacher's finished targets (the costly part of a start).
     KEEP: ClassVar[tuple[str, ...]] = (STEP, "teacher/teacher.json")
 
+    # The teacher's targets outlive a start-over: their own key says whether they serve.
+    PRESERVE: ClassVar[tuple[str, ...]] = ("lock", TEACHER)
+
     @property
     def teacher_dir(self) -> Path:
-        """Where the teacher's targets are cached: kept when another run starts over in this
-        directory, since their own key (windows, top-k, teacher) says whether they serve."""
+        """Where the teacher's targets are cached."""
         path = self.directory / TEACHER
         path.mkdir(exist_ok=True)
         return path
-
-    def _clear(self) -> None:
-        for p in self.directory.iterdir():
-            if p.name not in ("lock", TEACHER):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def save_step(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         path = self.directory / f"step-{step:06d}.safetensors"
